@@ -1,0 +1,490 @@
+"""Models for exmask: a ViT image tower, a Transformer text tower, SSF and prompt adapters, and the
+two-tower classifier whose head grows by the new classes of each phase.
+
+The image tower keeps the state-dict layout of timm's VisionTransformer (`cls_token`, `pos_embed`,
+`patch_embed.proj`, `blocks.i.attn.qkv`, ...), so timm checkpoints load as a plain copy. The text
+tower is one Block with a pre-norm flag: pre-norm for CLIP-like towers (the default), post-norm for
+BERT-family checkpoints (BERT, MiniLM), loaded by `load_bert`.
+
+Every forward works on token subsets: the image tower takes patches plus their patch indices, the
+text tower takes token ids plus their positions, so masked exemplars replay at their original
+positions. With `aux=True` a forward also returns, per tower, the pooling query's attention row over
+the tokens (one row, never the N x N matrix) and the token features in the shared embedding space.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pool: str = "cls"              # "cls" ([CLS] token) or "map" (SigLIP attention-pool probe)
+    embed_dim: int = 64            # shared embedding size after `proj`; 0 = no projection
+    ln_eps: float = 1e-6
+    mean: tuple = (0.5, 0.5, 0.5)  # pixel normalisation, in 0..1 units
+    std: tuple = (0.5, 0.5, 0.5)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid ** 2
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 700
+    context: int = 24
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pre_norm: bool = True          # False: BERT layout (post-norm, embedding LayerNorm, token types)
+    embed_dim: int = 64            # 0 = no projection
+    pad_id: int = 0
+    ln_eps: float = 1e-6
+
+
+@dataclass
+class ModelConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    adapter: str = "ssf"           # "ssf", "prompt" (deep gated prompts) or "none" (head only)
+    prompt_len: int = 4
+    modalities: str = "image,text"  # "image", "text" or "image,text"
+
+    @staticmethod
+    def from_dict(d: dict) -> "ModelConfig":
+        vit = dict(d["vit"], mean=tuple(d["vit"]["mean"]), std=tuple(d["vit"]["std"]))
+        return ModelConfig(ViTConfig(**vit), TextConfig(**d["text"]),
+                           **{k: v for k, v in d.items() if k not in ("vit", "text")})
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, N, C*p*p), each patch flattened in Conv2d weight order (C, p, p)."""
+    B, C, S, _ = images.shape
+    g = S // p
+    x = images.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, p, p)
+    return x.reshape(B, g * g, C * p * p)
+
+
+def unpatchify(patches: torch.Tensor, p: int, C: int = 3) -> torch.Tensor:
+    """(B, N, C*p*p) -> (B, C, S, S); the inverse of patchify."""
+    B, N, _ = patches.shape
+    g = math.isqrt(N)
+    x = patches.reshape(B, g, g, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, g, p, g, p)
+    return x.reshape(B, C, g * p, g * p)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), idx (B, K) -> (B, K, D). The gather expands, never repeats."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- adapters
+
+class SSF(nn.Module):
+    """Scale and shift per channel (Lian et al. 2022); identity at init, folded away by merge_ssf."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def ssf(dim: int, on: bool) -> nn.Module:
+    return SSF(dim) if on else nn.Identity()
+
+
+@torch.no_grad()
+def merge_ssf(model: nn.Module) -> nn.Module:
+    """Fold every `<op>_ssf` into its sibling `<op>` (Linear, Conv2d or LayerNorm), in place."""
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if not (name.endswith("_ssf") and isinstance(child, SSF)):
+                continue
+            op = getattr(mod, name[:-4])
+            s, t = child.scale, child.shift
+            op.weight.mul_(s.view(-1, *[1] * (op.weight.dim() - 1)))
+            if op.bias is None:
+                op.bias = nn.Parameter(torch.zeros_like(s), requires_grad=False)
+            op.bias.mul_(s).add_(t)
+            setattr(mod, name, nn.Identity())
+    return model
+
+
+# ----------------------------------------------------------------------------- transformer parts
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, use_ssf: bool, prompt_len: int = 0):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv_ssf = ssf(3 * dim, use_ssf)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_ssf = ssf(dim, use_ssf)
+        if prompt_len:  # gated prefix prompts: tanh(0) = 0, so the output is unchanged at init
+            self.prompt = nn.Parameter(torch.randn(prompt_len, dim) * 0.02)
+            self.prompt_gate = nn.Parameter(torch.zeros(heads))
+        else:
+            self.prompt = None
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, N, D = t.shape
+        return t.view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, H, N, Dh)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
+        """x (B, N, D); keep (B, N) bool key mask or None. row=True also returns the attention of
+        query 0 (the pooling token) over all N keys, mean over heads: (B, N)."""
+        B, N, D = x.shape
+        q, k, v = self.qkv_ssf(self.qkv(x)).view(B, N, 3, D).unbind(2)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)            # (B, H, N, Dh)
+        mask = None if keep is None else keep[:, None, None, :]              # (B, 1, 1, N)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
+        if self.prompt is not None:
+            pk, pv = self.qkv(self.prompt)[:, D:].view(-1, 2, D).unbind(1)   # (P, D) each
+            pk = self._heads(pk.expand(B, -1, -1))
+            pv = self._heads(pv.expand(B, -1, -1))
+            y = y + torch.tanh(self.prompt_gate).view(1, -1, 1, 1) * F.scaled_dot_product_attention(q, pk, pv)
+        y = self.proj_ssf(self.proj(y.transpose(1, 2).reshape(B, N, D)))
+        if not row:
+            return y, None
+        a = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)  # (B, H, 1, N)
+        if mask is not None:
+            a = a.masked_fill(~mask, float("-inf"))
+        return y, a.softmax(-1).mean(1)[:, 0]                                 # (B, N)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, use_ssf: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1_ssf = ssf(hidden, use_ssf)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2_ssf = ssf(dim, use_ssf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2_ssf(self.fc2(F.gelu(self.fc1_ssf(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """One transformer block; pre_norm=False gives BERT's post-norm block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float, pre_norm: bool = True,
+                 use_ssf: bool = False, prompt_len: int = 0):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm1_ssf = ssf(dim, use_ssf)
+        self.attn = Attention(dim, heads, use_ssf, prompt_len)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm2_ssf = ssf(dim, use_ssf)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), use_ssf)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
+        if self.pre_norm:
+            y, a = self.attn(self.norm1_ssf(self.norm1(x)), keep, row)
+            x = x + y
+            x = x + self.mlp(self.norm2_ssf(self.norm2(x)))
+        else:
+            y, a = self.attn(x, keep, row)
+            x = self.norm1_ssf(self.norm1(x + y))
+            x = self.norm2_ssf(self.norm2(x + self.mlp(x)))
+        return x, a
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's attention-pool probe (timm `AttentionPoolLatent` layout, one latent)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), False)
+
+    def forward(self, x: torch.Tensor):
+        """x (B, N, D) -> pooled (B, D) and the probe's attention row (B, N), mean over heads."""
+        B, N, D = x.shape
+        H = self.heads
+        q = self.q(self.latent.expand(B, -1, -1)).view(B, 1, H, D // H).transpose(1, 2)  # (B, H, 1, Dh)
+        k, v = self.kv(x).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)             # (B, H, N, Dh)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        y = self.proj(y)
+        y = y + self.mlp(self.norm(y))
+        a = ((q @ k.transpose(-1, -2)) / math.sqrt(D // H)).softmax(-1).mean(1)[:, 0]  # (B, N)
+        return y[:, 0], a
+
+
+# ----------------------------------------------------------------------------- towers
+
+class ViT(nn.Module):
+    """Image tower; parameter names follow timm's VisionTransformer."""
+
+    def __init__(self, cfg: ViTConfig, adapter: str = "none", prompt_len: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        D, use_ssf = cfg.dim, adapter == "ssf"
+        P = prompt_len if adapter == "prompt" else 0
+        self.prefix = 1 if cfg.pool == "cls" else 0
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
+        self.patch_embed.proj_ssf = ssf(D, use_ssf)
+        if self.prefix:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.n_patches + self.prefix, D) * 0.02)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, True, use_ssf, P)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.norm_ssf = ssf(D, use_ssf)
+        if cfg.pool == "map":
+            self.attn_pool = AttentionPool(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps)
+        self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else nn.Identity()
+        p2 = cfg.patch_size ** 2
+        self.register_buffer("pix_mean", torch.tensor(cfg.mean).repeat_interleave(p2) * 255, persistent=False)
+        self.register_buffer("pix_std", torch.tensor(cfg.std).repeat_interleave(p2) * 255, persistent=False)
+
+    def forward(self, pixels: torch.Tensor, idx: torch.Tensor, aux: bool = False):
+        """pixels (B, K, 3*p*p) in 0..255 (any float or uint8), idx (B, K) patch indices.
+        Returns emb (B, E) and, with aux, (attention row over the K patches (B, K), tokens (B, K, E))."""
+        w = self.patch_embed.proj
+        x = (pixels.to(self.pix_mean.dtype) - self.pix_mean) / self.pix_std
+        x = self.patch_embed.proj_ssf(F.linear(x, w.weight.flatten(1), w.bias))              # (B, K, D)
+        x = x + self.pos_embed[0, self.prefix:][idx]                              # keeps positions
+        if self.prefix:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], 1)                                            # (B, 1+K, D)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x, a = blk(x, row=aux and i == last and self.prefix == 1)
+        x = self.norm_ssf(self.norm(x))
+        if self.prefix:
+            pooled = x[:, 0]
+        else:
+            pooled, a = self.attn_pool(x)
+        emb = self.proj(pooled)
+        if not aux:
+            return emb
+        return emb, (a[:, self.prefix:], self.proj(x[:, self.prefix:]))
+
+    def forward_images(self, images: torch.Tensor, aux: bool = False):
+        """images (B, 3, S, S) in 0..255 -> the same outputs, every patch kept."""
+        patches = patchify(images, self.cfg.patch_size)
+        idx = torch.arange(patches.shape[1], device=images.device).expand(images.shape[0], -1)
+        return self(patches, idx, aux)
+
+
+class TextTransformer(nn.Module):
+    """Text tower; pools at position 0 (BOS / [CLS]), which is always kept."""
+
+    def __init__(self, cfg: TextConfig, adapter: str = "none", prompt_len: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        D, use_ssf = cfg.dim, adapter == "ssf"
+        P = prompt_len if adapter == "prompt" else 0
+        self.tok_embed = nn.Embedding(cfg.vocab_size, D)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.context, D) * 0.01)
+        if not cfg.pre_norm:  # BERT: token-type embedding and a LayerNorm on the embeddings
+            self.type_embed = nn.Parameter(torch.zeros(1, 1, D))
+            self.emb_norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+            self.emb_norm_ssf = ssf(D, use_ssf)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, cfg.pre_norm, use_ssf, P)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
+        self.norm_ssf = ssf(D, use_ssf and cfg.pre_norm)
+        self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else nn.Identity()
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, aux: bool = False):
+        """ids (B, L) token ids, pad_id where empty; pos (B, L) their positions (default 0..L-1).
+        Returns emb (B, E) and, with aux, (attention row of token 0 over the L tokens (B, L), tokens (B, L, E))."""
+        keep = ids != self.cfg.pad_id                                             # (B, L)
+        if pos is None:
+            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.tok_embed(ids) + self.pos_embed[0][pos]         # (B, L, D)
+        if not self.cfg.pre_norm:
+            x = self.emb_norm_ssf(self.emb_norm(x + self.type_embed))
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x, a = blk(x, keep, row=aux and i == last)
+        x = self.norm_ssf(self.norm(x))
+        emb = self.proj(x[:, 0])
+        if not aux:
+            return emb
+        return emb, (a, self.proj(x))
+
+
+# ----------------------------------------------------------------------------- classifier
+
+class TwoTower(nn.Module):
+    """Late fusion: the pooled, L2-normalised embeddings of both towers, joined, then a linear head
+    over every class seen so far. The loss lives in the training code, so forward is inference."""
+
+    def __init__(self, cfg: ModelConfig, n_classes: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.use_image = "image" in cfg.modalities
+        self.use_text = "text" in cfg.modalities
+        if not (self.use_image or self.use_text):
+            raise ValueError(f"modalities must name image and/or text, got {cfg.modalities!r}")
+        self.image = ViT(cfg.vit, cfg.adapter, cfg.prompt_len)
+        self.text = TextTransformer(cfg.text, cfg.adapter, cfg.prompt_len)
+        e_img = cfg.vit.embed_dim or cfg.vit.dim
+        e_txt = cfg.text.embed_dim or cfg.text.dim
+        self.feat_dim = e_img * self.use_image + e_txt * self.use_text
+        self.head = nn.Linear(self.feat_dim, n_classes)
+
+    @property
+    def n_classes(self) -> int:
+        return self.head.out_features
+
+    def grow(self, n_new: int) -> None:
+        """Add n_new classes to the head; the old rows keep their weights."""
+        old = self.head
+        new = nn.Linear(self.feat_dim, old.out_features + n_new).to(old.weight.device)
+        with torch.no_grad():
+            nn.init.normal_(new.weight, std=0.01)
+            new.bias.zero_()
+            new.weight[:old.out_features] = old.weight
+            new.bias[:old.out_features] = old.bias
+        self.head = new
+
+    def features(self, pixels, patch_idx, ids, pos=None, aux: bool = False):
+        """Fused features (B, F) from kept tokens; with aux also (image_aux, text_aux)."""
+        feats, auxes = [], []
+        for use, tower, args in ((self.use_image, self.image, (pixels, patch_idx)),
+                                 (self.use_text, self.text, (ids, pos))):
+            if not use:
+                auxes.append(None)
+                continue
+            out = tower(*args, aux=aux)
+            emb, a = out if aux else (out, None)
+            feats.append(F.normalize(emb, dim=-1))
+            auxes.append(a)
+        f = torch.cat(feats, -1)
+        return (f, tuple(auxes)) if aux else f
+
+    def forward_tokens(self, pixels, patch_idx, ids, pos=None):
+        """Logits (B, C) from kept image patches (B, K, 3*p*p) at patch_idx (B, K) and kept text
+        tokens ids (B, L) at positions pos (B, L)."""
+        return self.head(self.features(pixels, patch_idx, ids, pos) * math.sqrt(self.feat_dim))
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) in 0..255, ids (B, L) -> logits (B, C). The exported graph."""
+        patches = patchify(images, self.cfg.vit.patch_size)
+        idx = torch.arange(patches.shape[1], device=images.device).expand(images.shape[0], -1)
+        return self.forward_tokens(patches, idx, ids)
+
+    # --- parameter groups
+    def freeze_backbone(self) -> None:
+        """Train only the adapters and the head."""
+        for n, p in self.named_parameters():
+            p.requires_grad = n.startswith("head.") or "_ssf." in n or ".prompt" in n
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def backbone_state(self) -> dict:
+        """The frozen towers' weights (no adapters, no head): what pretraining produces."""
+        return {k: v for k, v in self.state_dict().items()
+                if not (k.startswith("head.") or "_ssf." in k or ".prompt" in k)}
+
+
+# ----------------------------------------------------------------------------- real weights
+
+def load_timm_vit(vit: ViT, state: dict) -> None:
+    """Copy a timm VisionTransformer state dict into `vit` (our names are timm's). Classifier-head
+    keys are ignored; anything else missing or extra is an error."""
+    ours = vit.state_dict()
+    src = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_drop"))
+           and not k.startswith("attn_pool.fc_norm")}
+    missing = [k for k in ours if k not in src and "_ssf." not in k and ".prompt" not in k and k != "proj.weight"]
+    extra = [k for k in src if k not in ours]
+    if missing or extra:
+        raise ValueError(f"timm checkpoint does not match the ViT config: missing {missing[:5]}, extra {extra[:5]}")
+    vit.load_state_dict(src, strict=False)
+
+
+def vit_config_from_timm(model) -> ViTConfig:
+    """A ViTConfig describing a timm VisionTransformer instance (no projection: embed_dim=0)."""
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    return ViTConfig(image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+                     dim=model.embed_dim, depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
+                     mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim,
+                     pool="map" if getattr(model, "attn_pool", None) is not None else "cls",
+                     embed_dim=0, ln_eps=model.norm.eps,
+                     mean=tuple(pc.get("mean", (0.5,) * 3)), std=tuple(pc.get("std", (0.5,) * 3)))
+
+
+def read_safetensors(path: str) -> dict:
+    """Read a .safetensors file with the standard library and torch (no extra package)."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for k, meta in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = meta["data_offsets"]
+        t = torch.frombuffer(data[a:b], dtype=dtypes[meta["dtype"]]) if b > a else torch.empty(0)
+        out[k] = t.reshape(meta["shape"]).float()
+    return out
+
+
+def bert_to_ours(sd: dict, depth: int) -> dict:
+    """HF BERT names -> our TextTransformer names (q, k, v joined into qkv)."""
+    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    out = {"tok_embed.weight": sd["embeddings.word_embeddings.weight"],
+           "pos_embed": sd["embeddings.position_embeddings.weight"][None],
+           "type_embed": sd["embeddings.token_type_embeddings.weight"][:1][None],
+           "emb_norm.weight": sd["embeddings.LayerNorm.weight"], "emb_norm.bias": sd["embeddings.LayerNorm.bias"]}
+    for i in range(depth):
+        p, q = f"encoder.layer.{i}.", f"blocks.{i}."
+        for s in ("weight", "bias"):
+            out[q + "attn.qkv." + s] = torch.cat([sd[p + f"attention.self.{n}.{s}"] for n in ("query", "key", "value")])
+            out[q + "attn.proj." + s] = sd[p + "attention.output.dense." + s]
+            out[q + "norm1." + s] = sd[p + "attention.output.LayerNorm." + s]
+            out[q + "mlp.fc1." + s] = sd[p + "intermediate.dense." + s]
+            out[q + "mlp.fc2." + s] = sd[p + "output.dense." + s]
+            out[q + "norm2." + s] = sd[p + "output.LayerNorm." + s]
+    return out
+
+
+def load_bert(path: str) -> tuple[TextConfig, dict]:
+    """A BERT-family checkpoint directory (config.json + model.safetensors, e.g. all-MiniLM-L6-v2)
+    -> (TextConfig, state dict in our names). Its vocab.txt goes to data.WordPieceTokenizer."""
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    cfg = TextConfig(vocab_size=c["vocab_size"], context=c["max_position_embeddings"], dim=c["hidden_size"],
+                     depth=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                     mlp_ratio=c["intermediate_size"] / c["hidden_size"], pre_norm=False, embed_dim=0,
+                     pad_id=c.get("pad_token_id", 0), ln_eps=c.get("layer_norm_eps", 1e-12))
+    return cfg, bert_to_ours(read_safetensors(os.path.join(path, "model.safetensors")), cfg.depth)
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)
