@@ -47,26 +47,45 @@ class SynthConfig:
     train_per_class: int = 40
     test_per_class: int = 20
     image_size: int = 32
-    object_size: int = 10        # sprite side in pixels: 100 / 1024 = ~10 % of the image
-    sprite_grid: int = 5         # the sprite is a grid x grid colour pattern, upsampled
-    pixel_noise: float = 30.0    # std of per-pixel noise, in 0..255 units
-    sprite_noise: float = 0.45   # share of sprite cells redrawn at random per sample
-    name_prob: float = 0.35      # captions that name the class; the rest say only the superclass
-    bg_prob: float = 0.6         # samples shown on the class's preferred background
-    seed: int = 0                # the world: class names, sprites, backgrounds
-    name_offset: int = 0         # index into the name pool: pretraining uses a disjoint range
+    object_size: tuple = (7, 12)  # sprite side range in pixels: 5-14 % of a 32 px image
+    pixel_noise: float = 40.0     # std of per-pixel noise, in 0..255 units
+    color_jitter: float = 40.0    # std of the per-sample shift of the object's colour
+    name_prob: float = 0.35       # captions that name the class; the rest say only the superclass
+    bg_prob: float = 0.6          # samples shown on the class's preferred background
+    seed: int = 0                 # the world: superclasses, preferred backgrounds, noise
+    class_offset: int = 0         # first class of the pool: pretraining uses a disjoint range
 
 
-def _name_pool(n: int) -> list[str]:
-    """Deterministic unique 3-syllable names; pool index i always gives the same word."""
+SHAPES = 12
+COLORS = np.array([[230, 40, 40], [240, 140, 30], [230, 220, 40], [120, 220, 50], [30, 160, 60],
+                   [40, 200, 200], [40, 90, 230], [130, 50, 220], [220, 60, 180], [245, 245, 245]], np.float32)
+PATTERNS = 3                      # solid, stripes, checks
+POOL = SHAPES * len(COLORS) * PATTERNS
+
+
+def _class_pool() -> tuple[list[str], np.ndarray]:
+    """Every possible class, in one fixed order: a unique 3-syllable name and a (shape, colour,
+    pattern) triple. Classes are new combinations of shared visual attributes, so features
+    learnt on one part of the pool transfer to another, as a pretrained backbone's do."""
     rng = np.random.default_rng(12345)
     names, seen = [], set()
-    while len(names) < n:
+    while len(names) < POOL:
         w = "".join(rng.choice(SYLLABLES, 3))
-        if w not in seen and w not in SUPERCLASSES:
+        if w not in seen:
             seen.add(w)
             names.append(w)
-    return names
+    triples = np.stack(np.unravel_index(rng.permutation(POOL), (SHAPES, len(COLORS), PATTERNS)), 1)
+    return names, triples
+
+
+def _shape_masks(n: int) -> np.ndarray:
+    """(SHAPES, n, n) bool masks: disc, square, triangle, cross, ring, diamond, bars, L, T, X, frame."""
+    yy, xx = (np.mgrid[0:n, 0:n] + 0.5) / n * 2 - 1        # -1..1
+    r = np.hypot(xx, yy)
+    return np.stack([r < 0.9, (abs(xx) < 0.75) & (abs(yy) < 0.75), (yy > -0.8) & (abs(xx) < (yy + 0.8) / 1.8),
+                     (abs(xx) < 0.3) | (abs(yy) < 0.3), (r < 0.95) & (r > 0.5), abs(xx) + abs(yy) < 0.95,
+                     abs(yy) < 0.35, abs(xx) < 0.35, (xx < -0.3) | (yy > 0.3), (yy < -0.3) | (abs(xx) < 0.25),
+                     (abs(xx - yy) < 0.4) | (abs(xx + yy) < 0.4), (np.maximum(abs(xx), abs(yy)) > 0.55)])
 
 
 def _backgrounds(S: int) -> np.ndarray:
@@ -85,29 +104,35 @@ def _backgrounds(S: int) -> np.ndarray:
 
 def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
     """Generate the embedded default dataset (train and test) from `cfg.seed`."""
+    if cfg.class_offset + cfg.n_classes > POOL:
+        raise ValueError(f"the embedded generator has {POOL} classes; asked for {cfg.class_offset + cfg.n_classes}")
     rng = np.random.default_rng(cfg.seed)
-    C, S, O, G = cfg.n_classes, cfg.image_size, cfg.object_size, cfg.sprite_grid
-    names = _name_pool(cfg.name_offset + C)[cfg.name_offset:]
+    C, S = cfg.n_classes, cfg.image_size
+    pool_names, pool_triples = _class_pool()
+    names = pool_names[cfg.class_offset:cfg.class_offset + C]
+    triples = pool_triples[cfg.class_offset:cfg.class_offset + C]
     supers = rng.integers(0, len(SUPERCLASSES), C)
     pref_bg = rng.integers(0, len(BACKGROUNDS), C)
-    palette = rng.uniform(0, 255, (8, 3)).astype(np.float32)
-    sprites = rng.integers(0, len(palette), (C, G, G))
     bgs = _backgrounds(S)
 
     per = cfg.train_per_class + cfg.test_per_class
     labels = np.repeat(np.arange(C), per)
     is_test = np.tile(np.arange(per) >= cfg.train_per_class, C)
     n = len(labels)
-
     bg = np.where(rng.random(n) < cfg.bg_prob, pref_bg[labels], rng.integers(0, len(BACKGROUNDS), n))
-    cells = sprites[labels].copy()                                   # (n, G, G)
-    redraw = rng.random(cells.shape) < cfg.sprite_noise
-    cells[redraw] = rng.integers(0, len(palette), redraw.sum())
-    sprite = palette[cells].repeat(O // G, 1).repeat(O // G, 2)      # (n, O, O, 3)
     imgs = bgs[bg].copy()                                            # (n, S, S, 3)
-    ys, xs = rng.integers(0, S - O + 1, n), rng.integers(0, S - O + 1, n)
+    lo, hi = cfg.object_size
+    masks = {o: _shape_masks(o) for o in range(lo, hi + 1)}
     for i in range(n):
-        imgs[i, ys[i]:ys[i] + O, xs[i]:xs[i] + O] = sprite[i]
+        shape, color, pattern = triples[labels[i]]
+        o = int(rng.integers(lo, hi + 1))
+        y, x = rng.integers(0, S - o + 1, 2)
+        col = COLORS[color] + rng.normal(0, cfg.color_jitter, 3)
+        yy, xx = np.mgrid[0:o, 0:o]
+        dark = [np.zeros((o, o), bool), (yy // 2) % 2 == 0, ((yy // 2) + (xx // 2)) % 2 == 0][pattern]
+        sprite = np.where(dark[..., None], col * 0.35, col)          # (o, o, 3)
+        m = masks[o][shape]
+        imgs[i, y:y + o, x:x + o][m] = sprite[m]
     imgs += rng.normal(0, cfg.pixel_noise, imgs.shape).astype(np.float32)
     images = torch.from_numpy(np.clip(imgs, 0, 255).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
 
@@ -115,19 +140,10 @@ def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
     for i in range(n):
         c = labels[i]
         cls = names[c] if rng.random() < cfg.name_prob else SUPERCLASSES[supers[c]]
-        t = TEMPLATES[rng.integers(len(TEMPLATES))]
-        words = t.split()
-        out = []
-        for w in words:
-            if w == "{f}":
-                out.append(FILLERS[rng.integers(len(FILLERS))])
-            elif w == "{c}":
-                out.append(cls)
-            elif w == "{b}":
-                out.append(BACKGROUNDS[bg[i]])
-            else:
-                out.append(w)
-        texts.append(" ".join(out))
+        fill = {"{f}": lambda: FILLERS[rng.integers(len(FILLERS))], "{c}": lambda: cls,
+                "{b}": lambda: BACKGROUNDS[bg[i]]}
+        words = TEMPLATES[rng.integers(len(TEMPLATES))].split()
+        texts.append(" ".join(fill[w]() if w in fill else w for w in words))
     return {"images": images, "texts": texts, "labels": torch.from_numpy(labels).long(),
             "is_test": torch.from_numpy(is_test), "class_names": names}
 

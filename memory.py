@@ -1,0 +1,124 @@
+"""The exemplar buffer: a byte budget, herding selection, per-class quotas, storage, stats.
+
+The budget is counted in bytes, exactly: the sum of the arrays each exemplar stores (see
+exmask.encode). Every seen class gets an equal share of the budget; its exemplars are kept in
+herding order, so shrinking a class when new classes arrive drops its least representative ones.
+Bytes used never exceed the budget.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+import exmask
+
+
+def herding(feats: torch.Tensor, m: int) -> list[int]:
+    """iCaRL herding: feats (n, F) -> m indices whose running mean best tracks the class mean."""
+    f = torch.nn.functional.normalize(feats.float(), dim=1)
+    mu = f.mean(0)
+    chosen, acc = [], torch.zeros_like(mu)
+    avail = torch.ones(len(f), dtype=torch.bool)
+    for k in range(1, min(m, len(f)) + 1):
+        dist = ((mu - (acc + f) / k) ** 2).sum(1).masked_fill(~avail, float("inf"))
+        i = int(dist.argmin())
+        chosen.append(i)
+        avail[i] = False
+        acc += f[i]
+    return chosen
+
+
+class Memory:
+    """Exemplars per class, filled to `budget(n_seen_classes)` bytes.
+
+    per_class_bytes > 0: the budget grows with the classes (M full exemplars' bytes each);
+    total_bytes > 0: a fixed total shared by all seen classes; unlimited=True keeps everything
+    (the joint upper bound)."""
+
+    def __init__(self, per_class_bytes: int = 0, total_bytes: int = 0, unlimited: bool = False):
+        if not unlimited and (per_class_bytes > 0) == (total_bytes > 0):
+            raise ValueError("give exactly one of per_class_bytes and total_bytes")
+        self.per_class_bytes, self.total_bytes, self.unlimited = per_class_bytes, total_bytes, unlimited
+        self.classes: dict[int, list[dict]] = {}
+
+    # --- budget
+    def budget(self, n_classes: int | None = None) -> int:
+        n = len(self.classes) if n_classes is None else n_classes
+        if self.unlimited:
+            return -1
+        return self.per_class_bytes * n if self.per_class_bytes else self.total_bytes
+
+    def quota(self, n_classes: int) -> int:
+        return self.budget(n_classes) // max(n_classes, 1)
+
+    def bytes_used(self) -> int:
+        return sum(exmask.nbytes(ex) for items in self.classes.values() for ex in items)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.classes.values())
+
+    # --- filling
+    def add(self, candidates: dict[int, list[dict]]) -> None:
+        """candidates: class -> exemplars in preference (herding) order. Adds the new classes, then
+        trims every class to its equal share of the budget."""
+        self.classes.update(candidates)
+        if self.unlimited:
+            return
+        q = self.quota(len(self.classes))
+        for c, items in self.classes.items():
+            used, keep = 0, 0
+            for ex in items:
+                if used + exmask.nbytes(ex) > q:
+                    break
+                used += exmask.nbytes(ex)
+                keep += 1
+            self.classes[c] = items[:keep]
+
+    def sample(self, n: int, rng: random.Random) -> list[dict]:
+        """n exemplars drawn uniformly over all stored ones (with replacement)."""
+        flat = [ex for items in self.classes.values() for ex in items]
+        return [flat[rng.randrange(len(flat))] for _ in range(n)] if flat else []
+
+    def items(self) -> list[dict]:
+        return [ex for items in self.classes.values() for ex in items]
+
+    # --- report
+    def stats(self) -> dict:
+        flat = self.items()
+        n = max(len(flat), 1)
+        return {"budget_bytes": self.budget(), "bytes_used": self.bytes_used(), "exemplars": len(flat),
+                "exemplars_per_class": len(flat) / max(len(self.classes), 1),
+                "mean_kept_patches": sum(ex["pixels"].shape[0] for ex in flat) / n,
+                "mean_kept_tokens": sum(len(ex["ids"]) for ex in flat) / n}
+
+    # --- checkpoint: tensors and plain values only
+    def state_dict(self) -> dict:
+        sd = {"per_class_bytes": self.per_class_bytes, "total_bytes": self.total_bytes,
+              "unlimited": self.unlimited, "classes": list(self.classes), "counts": [len(v) for v in self.classes.values()]}
+        flat = self.items()
+        for key in ("label", "pixels", "patch_idx", "ids", "pos"):
+            have = [ex[key] for ex in flat if key in ex]
+            if have:
+                sd[key] = torch.cat([t.reshape(-1) for t in have])
+                sd[key + "_len"] = torch.tensor([t.numel() for t in have])
+        if flat:
+            sd["pixel_dim"] = flat[0]["pixels"].shape[-1]
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "Memory":
+        mem = cls(sd["per_class_bytes"], sd["total_bytes"], sd["unlimited"])
+        parts = {k: list(sd[k].split(sd[k + "_len"].tolist())) for k in ("label", "pixels", "patch_idx", "ids", "pos")
+                 if k in sd}
+        i = 0
+        for c, n in zip(sd["classes"], sd["counts"]):
+            items = []
+            for _ in range(n):
+                ex = {k: v[i] for k, v in parts.items()}
+                ex["label"] = ex["label"].reshape(())
+                ex["pixels"] = ex["pixels"].reshape(-1, sd["pixel_dim"])
+                items.append(ex)
+                i += 1
+            mem.classes[c] = items
+        return mem

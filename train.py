@@ -1,0 +1,432 @@
+"""Multimodal class-incremental training: the phase loop, replay, evaluation, metrics, checkpoints.
+
+    python train.py                                    # embedded default, method exmask
+    python train.py --methods finetune,replay,joint    # several methods side by side
+    python train.py --data my/manifest.csv --phases 10 --memory-per-class 5
+
+From Python (a notebook): `from train import Config, train; results = train(Config(phases=5))`.
+
+Methods share one harness: `finetune` (no memory), `replay` (full exemplars), `exmask` (masked
+exemplars and mixup replay) and its ablations, `joint` (every sample of every seen class kept: the
+upper bound). The towers stay frozen; adapters and the head are trained.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+
+import data as D
+import exmask
+import models as M
+from memory import Memory, herding
+
+METHODS = ("finetune", "replay", "joint", "exmask")
+
+
+@dataclass
+class PretrainConfig:
+    """Contrastive + classification pretraining of the default tiny towers on a synthetic corpus
+    whose classes, names and sprites are disjoint from the incremental ones."""
+    classes: int = 200
+    per_class: int = 40
+    class_offset: int = 100      # pretraining classes come from another part of the class pool
+    seed: int = 1                # another world: other sprites, other class -> background links
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    vocab_size: int = 700
+
+
+@dataclass
+class Config:
+    data: str = ""                          # manifest (CSV/JSONL); "" = the embedded default
+    methods: str = "replay"                 # comma-separated, see METHODS
+    phases: int = 10
+    first_phase: int = 0                    # classes in the first phase; 0 = an even split
+    memory_per_class: float = 5.0           # budget in full exemplars' bytes per seen class
+    memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
+    seed: int = 0
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.01
+    device: str = ""                        # "" = cuda when available, else cpu
+    out: str = ""                           # "" = runs/<data name>
+    resume: bool = False
+    export: bool = True                     # write model.onnx at the end (export.py)
+    model: M.ModelConfig = field(default_factory=M.ModelConfig)
+    synth: D.SynthConfig = field(default_factory=D.SynthConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    cache_dir: str = ""                     # "" = $EXMASK_CACHE or ~/.cache/exmask
+    quiet: bool = False
+
+    def __post_init__(self):
+        bad = [m for m in self.method_list if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+# ----------------------------------------------------------------------------- console
+
+def console(cfg: Config):
+    from rich.console import Console
+    return Console(quiet=cfg.quiet, highlight=False, markup=False)
+
+
+def progress(con):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=con, transient=True, disable=con.quiet)
+
+
+# ----------------------------------------------------------------------------- backbone
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of paired embeddings a, b (B, E)."""
+    logits = logit_scale.exp() * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T   # (B, B)
+    target = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tuple[dict, D.SPTokenizer]:
+    """Train the default towers from scratch on the disjoint pretraining corpus."""
+    corpus = D.make_synth(D.SynthConfig(n_classes=pcfg.classes, train_per_class=pcfg.per_class, test_per_class=0,
+                                        class_offset=pcfg.class_offset, seed=pcfg.seed))
+    tok = D.SPTokenizer.train(corpus["texts"], pcfg.vocab_size)
+    mcfg = replace(mcfg, adapter="none", modalities="image,text", text=replace(mcfg.text, vocab_size=tok.vocab_size))
+    torch.manual_seed(pcfg.seed)
+    model = M.TwoTower(mcfg).to(device)
+    heads = torch.nn.ModuleList([torch.nn.Linear(mcfg.vit.embed_dim, pcfg.classes),
+                                 torch.nn.Linear(mcfg.text.embed_dim, pcfg.classes)]).to(device)
+    scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
+    params = list(model.image.parameters()) + list(model.text.parameters()) + list(heads.parameters()) + [scale]
+    opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=0.05)
+    patches = M.patchify(corpus["images"], mcfg.vit.patch_size)
+    ids = D.encode_texts(tok, corpus["texts"], mcfg.text.context)
+    labels = corpus["labels"]
+    n, B = len(labels), pcfg.batch_size
+    steps = pcfg.epochs * (n // B)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, pcfg.lr, total_steps=steps, pct_start=0.1)
+    idx_all = torch.arange(mcfg.vit.n_patches).expand(B, -1).to(device)
+    with progress(con) as bar:
+        task = bar.add_task("pretraining the default towers (once, then cached)", total=steps)
+        for _ in range(pcfg.epochs):
+            for b in torch.randperm(n).split(B)[: n // B]:
+                x, t, y = patches[b].to(device), ids[b].to(device), labels[b].to(device)
+                ei, et = model.image(x, idx_all), model.text(t)
+                loss = (clip_loss(ei, et, scale) + F.cross_entropy(heads[0](ei), y)
+                        + F.cross_entropy(heads[1](et), y))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.advance(task)
+    con.print(f"pretraining done, last loss {loss.item():.3f}")
+    return model.backbone_state(), tok
+
+
+def default_backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict, object]:
+    """The default towers: pretrained once per (model config, pretraining config), then cached."""
+    cache = cfg.cache_dir or os.environ.get("EXMASK_CACHE") or os.path.expanduser("~/.cache/exmask")
+    key = fingerprint({"vit": asdict(cfg.model.vit), "text": {k: v for k, v in asdict(cfg.model.text).items()
+                                                              if k != "vocab_size"},
+                       "pretrain": asdict(cfg.pretrain), "synth": "v2"})
+    path = os.path.join(cache, f"backbone-{key}.pt")
+    if os.path.exists(path):
+        ck = torch.load(path, weights_only=True)
+        tok = D.SPTokenizer(ck["tokenizer"].numpy().tobytes())
+        con.print(f"backbone: cached {path}")
+    else:
+        t0 = time.time()
+        state, tok = pretrain(cfg.model, cfg.pretrain, device, con)
+        os.makedirs(cache, exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save({"state": {k: v.cpu() for k, v in state.items()},
+                    "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)}, tmp)
+        os.replace(tmp, path)  # never a half-written cache file
+        con.print(f"backbone: pretrained in {time.time() - t0:.0f}s, cached at {path}")
+        ck = {"state": state}
+    mcfg = replace(cfg.model, text=replace(cfg.model.text, vocab_size=tok.vocab_size))
+    return mcfg, ck["state"], tok
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data(cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
+    """Patches, token ids and labels (in class-order index space) of the whole dataset."""
+    if cfg.data:
+        raw = D.read_manifest(cfg.data, mcfg.vit.image_size, seed=cfg.seed)
+    else:
+        raw = D.make_synth(cfg.synth)
+    C = len(raw["class_names"])
+    order = D.class_order(C, cfg.seed)
+    remap = torch.empty(C, dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(C)
+    return {"patches": M.patchify(raw["images"], mcfg.vit.patch_size),      # (N, n_patches, 3*p*p) uint8
+            "ids": D.encode_texts(tok, raw["texts"], mcfg.text.context),     # (N, context)
+            "labels": remap[raw["labels"]], "is_test": raw["is_test"], "texts": raw["texts"],
+            "class_names": [raw["class_names"][c] for c in order]}          # index i = label i
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def metrics(R: list[list[float]], counts: list[list[int]]) -> dict:
+    """R[t][j]: accuracy (%) after phase t on the test data of phase j (j <= t); counts: test sizes."""
+    T = len(R)
+    acc = [sum(r * n for r, n in zip(R[t], counts[t])) / sum(counts[t]) for t in range(T)]
+    forg = [max(R[t][j] for t in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)]
+    bwt = [R[T - 1][j] - R[j][j] for j in range(T - 1)]
+    return {"phase_accuracy": acc, "avg_incremental_accuracy": sum(acc) / T, "last_accuracy": acc[-1],
+            "avg_forgetting": sum(forg) / len(forg) if forg else 0.0, "bwt": sum(bwt) / len(bwt) if bwt else 0.0}
+
+
+@torch.no_grad()
+def evaluate(model: M.TwoTower, data: dict, phase_cls: list[list[int]], t: int, device: str, bs: int = 256):
+    """Accuracy (%) and sample count on the test data of each phase 0..t."""
+    model.eval()
+    row, cnt = [], []
+    for j in range(t + 1):
+        sel = data["is_test"] & torch.isin(data["labels"], torch.tensor(phase_cls[j]))
+        idx = sel.nonzero().flatten()
+        correct = 0
+        for b in idx.split(bs):
+            x = data["patches"][b].to(device)
+            pidx = torch.arange(x.shape[1], device=device).expand(len(b), -1)
+            with autocast(device):
+                logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
+            correct += (logits.argmax(1).cpu() == data["labels"][b]).sum().item()
+        row.append(100.0 * correct / max(len(idx), 1))
+        cnt.append(len(idx))
+    return row, cnt
+
+
+def autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------- memory
+
+@torch.no_grad()
+def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, device: str) -> dict:
+    """Exemplars for the new classes, in herding order on the fused features."""
+    model.eval()
+    out = {}
+    V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
+    for c in classes:
+        idx = (~data["is_test"] & (data["labels"] == c)).nonzero().flatten()
+        if method == "joint":
+            order = range(len(idx))
+        else:
+            x = data["patches"][idx].to(device)
+            pidx = torch.arange(x.shape[1], device=device).expand(len(idx), -1)
+            with autocast(device):
+                f = model.features(x, pidx, data["ids"][idx].to(device))
+            order = herding(f.float().cpu(), len(idx))
+        out[c] = [exmask.encode(data["patches"][idx[i]], data["ids"][idx[i]], c, V, pad) for i in order]
+    return out
+
+
+# ----------------------------------------------------------------------------- one method
+
+def checkpoint_path(out: str, method: str) -> str:
+    return os.path.join(out, method, "checkpoint.pt")
+
+
+def save_checkpoint(path: str, ck: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(ck, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> None:
+    """The final classifier, for export.py: model.pt (config + full state, adapters unmerged),
+    the tokenizer and labels.json beside it."""
+    os.makedirs(folder, exist_ok=True)
+    save_checkpoint(os.path.join(folder, "model.pt"),
+                    {"model_config": asdict(model.cfg), "state": {k: v.cpu() for k, v in model.state_dict().items()},
+                     "class_names": class_names})
+    tok.save(os.path.join(folder, "tokenizer.model"))
+    with open(os.path.join(folder, "labels.json"), "w") as f:
+        json.dump(class_names, f)
+
+
+def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, con) -> dict:
+    device = cfg.device
+    phase_cls = D.phase_classes(list(range(len(data["class_names"]))), cfg.phases, cfg.first_phase)
+    torch.manual_seed(cfg.seed)
+    model = M.TwoTower(mcfg).to(device)
+    missing = set(model.backbone_state()) - set(backbone)
+    if missing:
+        raise ValueError(f"backbone lacks {sorted(missing)[:5]}")
+    model.load_state_dict(backbone, strict=False)
+    model.freeze_backbone()
+    unit = exmask.full_bytes(mcfg.vit.n_patches, data["patches"].shape[-1], mcfg.text.context, mcfg.text.vocab_size)
+    memory = (Memory(unlimited=True) if method == "joint" else
+              Memory(total_bytes=cfg.memory_bytes) if cfg.memory_bytes else
+              Memory(per_class_bytes=int(cfg.memory_per_class * unit)))
+    R, counts, secs, mem_stats, start = [], [], [], [], 0
+    ck_path = checkpoint_path(cfg.out, method)
+    if cfg.resume and os.path.exists(ck_path):
+        ck = torch.load(ck_path, weights_only=True)
+        model.grow(ck["n_classes"])
+        model.load_state_dict(ck["trainable"], strict=False)
+        memory = Memory.from_state_dict(ck["memory"])
+        R, counts, secs, mem_stats = ck["R"], ck["counts"], ck["secs"], ck["mem_stats"]
+        start = len(R)
+        con.print(f"[{method}] resumed after phase {start}/{cfg.phases}")
+    n_params = None
+    for t in range(start, cfg.phases):
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 1000 + t)
+        rng = random.Random(cfg.seed * 1000 + t)
+        model.grow(len(phase_cls[t]))
+        model.freeze_backbone()
+        n_params = model.trainable_params()
+        if method == "joint":   # the upper bound: every training sample of every seen class, together
+            seen = [c for p in phase_cls[:t + 1] for c in p]
+            train_phase(cfg, model, data, seen, None, rng, con, f"[{method}] phase {t + 1}/{cfg.phases}")
+        else:
+            train_phase(cfg, model, data, phase_cls[t], memory if method != "finetune" else None, rng, con,
+                        f"[{method}] phase {t + 1}/{cfg.phases}")
+        if method != "finetune":
+            memory.add(candidates(model, data, phase_cls[t], method, device))
+        row, cnt = evaluate(model, data, phase_cls, t, device)
+        R.append(row)
+        counts.append(cnt)
+        secs.append(time.time() - t0)
+        mem_stats.append(memory.stats() if method != "finetune" else {})
+        acc = sum(r * n for r, n in zip(row, cnt)) / sum(cnt)
+        con.print(f"[{method}] phase {t + 1}/{cfg.phases}: accuracy {acc:.1f}% on {model.n_classes} classes, "
+                  f"{secs[-1]:.1f}s" + (f", memory {len(memory)} exemplars, {memory.bytes_used():,} B"
+                                         if method != "finetune" else ""))
+        trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+        save_checkpoint(ck_path, {"n_classes": model.n_classes, "trainable": trainable, "memory": memory.state_dict(),
+                                  "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats,
+                                  "model_config": asdict(mcfg), "class_names": data["class_names"]})
+    res = {"method": method, "seed": cfg.seed, "phases": cfg.phases,
+           "classes_per_phase": [len(c) for c in phase_cls], "accuracy_matrix": R, **metrics(R, counts),
+           "phase_seconds": secs, "trainable_params": n_params or model.trainable_params(),
+           "adapter": mcfg.adapter, "modalities": mcfg.modalities,
+           "memory": mem_stats[-1] if mem_stats[-1] else {"budget_bytes": 0, "bytes_used": 0, "exemplars": 0,
+                                                            "exemplars_per_class": 0, "mean_kept_patches": 0,
+                                                            "mean_kept_tokens": 0},
+           "memory_per_phase": mem_stats}
+    return res, model
+
+
+def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], memory: Memory | None,
+                rng: random.Random, con, desc: str) -> None:
+    """Epochs over the new classes' training data; each step also replays a batch from memory."""
+    device = cfg.device
+    idx = (~data["is_test"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
+    B = cfg.batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    steps = cfg.epochs * math.ceil(len(idx) / B)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    pad = model.cfg.text.pad_id
+    model.train()
+    with progress(con) as bar:
+        task = bar.add_task(desc, total=steps)
+        for _ in range(cfg.epochs):
+            for b in idx[torch.randperm(len(idx))].split(B):
+                x = data["patches"][b].to(device)
+                pidx = torch.arange(x.shape[1], device=device).expand(len(b), -1)
+                with autocast(device):
+                    logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
+                    y = data["labels"][b].to(device)
+                    loss = F.cross_entropy(logits.float(), y)
+                    if memory is not None and len(memory):
+                        r = exmask.collate(memory.sample(B, rng), pad, device)
+                        lr_ = model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"])
+                        loss = (loss + F.cross_entropy(lr_.float(), r["labels"])) / 2
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.advance(task)
+
+
+# ----------------------------------------------------------------------------- the whole job
+
+def train(cfg: Config = Config()) -> list[dict]:
+    """Run every method in cfg.methods on the same data and backbone; write <out>/results.json."""
+    con = console(cfg)
+    cfg = replace(cfg, device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but no GPU is visible to PyTorch")
+    name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
+    cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
+    os.makedirs(cfg.out, exist_ok=True)
+    mcfg, backbone, tok = default_backbone(cfg, cfg.device, con)
+    data = load_data(cfg, mcfg, tok)
+    results = []
+    for method in cfg.method_list:
+        res, model = run_method(cfg, method, data, mcfg, backbone, con)
+        results.append(res)
+        save_model(os.path.join(cfg.out, method), model, data["class_names"], tok)
+        with open(os.path.join(cfg.out, "results.json"), "w") as f:
+            json.dump(results if len(results) > 1 else results[0], f, indent=1)
+    show(results, con)
+    return results
+
+
+def show(results: list[dict], con) -> None:
+    from rich.table import Table
+    tab = Table(title="exmask results (accuracy in %)")
+    for col in ("method", "avg inc. acc", "last acc", "forgetting", "BWT", "exemplars/class", "bytes used",
+                "trainable", "seconds"):
+        tab.add_column(col, justify="right")
+    for r in results:
+        m = r["memory"]
+        tab.add_row(r["method"], f"{r['avg_incremental_accuracy']:.2f}", f"{r['last_accuracy']:.2f}",
+                    f"{r['avg_forgetting']:.2f}", f"{r['bwt']:.2f}", f"{m['exemplars_per_class']:.1f}",
+                    f"{m['bytes_used']:,}", f"{r['trainable_params']:,}", f"{sum(r['phase_seconds']):.0f}")
+    con.print(tab)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = Config()
+    p.add_argument("--data", default=c.data, help="manifest CSV/JSONL (fields image,text,label[,split]); default: embedded")
+    p.add_argument("--methods", "--method", dest="methods", default=c.methods, help=f"comma-separated: {', '.join(METHODS)}")
+    p.add_argument("--phases", type=int, default=c.phases)
+    p.add_argument("--first-phase", type=int, default=c.first_phase, help="classes in the first phase (0 = even split)")
+    p.add_argument("--memory-per-class", type=float, default=c.memory_per_class, help="budget, full exemplars' bytes per class")
+    p.add_argument("--memory-bytes", type=int, default=c.memory_bytes, help="fixed total budget in bytes")
+    p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--epochs", type=int, default=c.epochs)
+    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    p.add_argument("--lr", type=float, default=c.lr)
+    p.add_argument("--device", default=c.device, choices=["", "cpu", "cuda"])
+    p.add_argument("--out", default=c.out, help="output folder (default runs/<data name>)")
+    p.add_argument("--resume", action="store_true", help="continue each method from its last finished phase")
+    p.add_argument("--adapter", default=c.model.adapter, choices=["ssf", "prompt", "none"])
+    p.add_argument("--modalities", default=c.model.modalities, choices=["image,text", "image", "text"])
+    p.add_argument("--no-export", action="store_true", help="do not write model.onnx at the end")
+    a = p.parse_args(argv)
+    cfg = Config(data=a.data, methods=a.methods, phases=a.phases, first_phase=a.first_phase,
+                 memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, epochs=a.epochs,
+                 batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
+                 export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
