@@ -218,6 +218,8 @@ class SPTokenizer:
     def train(cls, texts: list[str], vocab_size: int = 400) -> "SPTokenizer":
         import sentencepiece as spm
         buf = io.BytesIO()
+        # byte fallback (any text encodes, nothing is <unk>) needs 256 byte pieces + every character
+        vocab_size = max(vocab_size, 256 + 4 + len(set("".join(texts))) + 8)
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
             model_type="bpe", hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0,

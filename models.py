@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -338,6 +339,13 @@ class TextTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------- classifier
 
+def empty_linear(i: int, o: int) -> nn.Linear:
+    """nn.Linear left uninitialised (the caller fills it); quiet for o == 0, a head with no classes yet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return nn.Linear(i, o)
+
+
 class TwoTower(nn.Module):
     """Late fusion: the pooled, L2-normalised embeddings of both towers, joined, then a linear head
     over every class seen so far. The loss lives in the training code, so forward is inference."""
@@ -354,7 +362,9 @@ class TwoTower(nn.Module):
         e_img = cfg.vit.embed_dim or cfg.vit.dim
         e_txt = cfg.text.embed_dim or cfg.text.dim
         self.feat_dim = e_img * self.use_image + e_txt * self.use_text
-        self.head = nn.Linear(self.feat_dim, n_classes)
+        self.head = empty_linear(self.feat_dim, 0)
+        if n_classes:
+            self.grow(n_classes)
 
     @property
     def n_classes(self) -> int:
@@ -363,7 +373,7 @@ class TwoTower(nn.Module):
     def grow(self, n_new: int) -> None:
         """Add n_new classes to the head; the old rows keep their weights."""
         old = self.head
-        new = nn.Linear(self.feat_dim, old.out_features + n_new).to(old.weight.device)
+        new = empty_linear(self.feat_dim, old.out_features + n_new).to(old.weight.device)
         with torch.no_grad():
             nn.init.normal_(new.weight, std=0.01)
             new.bias.zero_()

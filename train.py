@@ -168,12 +168,14 @@ def default_backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict
 
 # ----------------------------------------------------------------------------- data
 
-def load_data(cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
-    """Patches, token ids and labels (in class-order index space) of the whole dataset."""
+def read_data(cfg: Config) -> dict:
     if cfg.data:
-        raw = D.read_manifest(cfg.data, mcfg.vit.image_size, seed=cfg.seed)
-    else:
-        raw = D.make_synth(cfg.synth)
+        return D.read_manifest(cfg.data, cfg.model.vit.image_size, seed=cfg.seed)
+    return D.make_synth(cfg.synth)
+
+
+def prepare(raw: dict, cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
+    """Patches, token ids and labels (in class-order index space) of the whole dataset."""
     C = len(raw["class_names"])
     order = D.class_order(C, cfg.seed)
     remap = torch.empty(C, dtype=torch.long)
@@ -374,8 +376,9 @@ def train(cfg: Config = Config()) -> list[dict]:
     name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
     cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
     os.makedirs(cfg.out, exist_ok=True)
+    raw = read_data(cfg)                      # first, so bad input fails before any long work
     mcfg, backbone, tok = default_backbone(cfg, cfg.device, con)
-    data = load_data(cfg, mcfg, tok)
+    data = prepare(raw, cfg, mcfg, tok)
     results = []
     for method in cfg.method_list:
         res, model = run_method(cfg, method, data, mcfg, backbone, con)

@@ -1,0 +1,402 @@
+"""Tests: CPU only, tiny seeded configs, one property each. Run: python -m pytest -q"""
+import json
+import os
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data as D
+import exmask
+import models as M
+from memory import Memory, herding
+
+torch.set_num_threads(2)
+
+
+def tiny_model_cfg(**kw) -> M.ModelConfig:
+    vit = M.ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=2, embed_dim=24)
+    txt = M.TextConfig(vocab_size=50, context=12, dim=32, depth=2, heads=2, embed_dim=24)
+    return replace(M.ModelConfig(vit=vit, text=txt), **kw)
+
+
+def tiny_batch(cfg: M.ModelConfig, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = cfg.vit.image_size
+    images = torch.randint(0, 256, (B, 3, S, S), generator=g).float()
+    ids = torch.randint(4, cfg.text.vocab_size, (B, cfg.text.context), generator=g)
+    ids[:, 0] = 2
+    lengths = [cfg.text.context, 7, 5][:B]
+    for i, n in enumerate(lengths):
+        ids[i, n - 1] = 3
+        ids[i, n:] = cfg.text.pad_id
+    return images, ids
+
+
+def tiny_train_cfg(tmp_path, **kw):
+    from train import Config, PretrainConfig
+    mcfg = M.ModelConfig(vit=M.ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, embed_dim=32),
+                         text=M.TextConfig(context=16, dim=32, depth=1, heads=2, embed_dim=32))
+    base = dict(methods="replay", phases=2, epochs=1, batch_size=16, out=str(tmp_path / "run"), quiet=True,
+                export=False, model=mcfg, synth=D.SynthConfig(n_classes=4, train_per_class=8, test_per_class=4),
+                pretrain=PretrainConfig(classes=8, per_class=6, epochs=1, batch_size=16, vocab_size=300),
+                cache_dir=str(tmp_path / "cache"), memory_per_class=2)
+    base.update(kw)
+    return Config(**base)
+
+
+# ----------------------------------------------------------------------------- models
+
+def test_vit_matches_timm_on_same_weights():
+    from timm.models.vision_transformer import VisionTransformer
+    for pool in ("cls", "map"):
+        kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+        ref = VisionTransformer(global_pool="map", class_token=False, **kw) if pool == "map" else VisionTransformer(**kw)
+        ref.eval()
+        cfg = M.vit_config_from_timm(ref)
+        ours = M.ViT(cfg)
+        M.load_timm_vit(ours, ref.state_dict())
+        x = torch.rand(2, 3, 16, 16) * 255
+        feats = ref.forward_features((x / 255 - 0.5) / 0.5)
+        want = feats[:, 0] if pool == "cls" else ref.attn_pool(feats)
+        torch.testing.assert_close(ours.forward_images(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["ssf", "prompt", "none"])
+def test_masked_forward_with_every_token_kept_equals_full(adapter):
+    cfg = tiny_model_cfg(adapter=adapter)
+    torch.manual_seed(0)
+    model = M.TwoTower(cfg, n_classes=5).eval()
+    images, ids = tiny_batch(cfg)
+    full = model(images, ids)
+    patches = M.patchify(images, cfg.vit.patch_size)
+    # keep every patch, but hand them over in a shuffled order with their indices
+    perm = torch.randperm(patches.shape[1])
+    idx = perm.expand(len(images), -1)
+    # keep every token, compacted to the front with explicit positions (no padding in between)
+    real = ids != cfg.text.pad_id
+    pos = torch.where(real, torch.arange(ids.shape[1]), 0)
+    masked = model.forward_tokens(patches[:, perm], idx, ids, pos)
+    torch.testing.assert_close(masked, full, atol=1e-5, rtol=1e-5)
+
+
+def test_text_padding_does_not_change_output():
+    cfg = tiny_model_cfg()
+    model = M.TwoTower(cfg, 3).eval()
+    _, ids = tiny_batch(cfg)
+    short = ids[2:3, :5]                      # the 5-token caption alone, no padding at all
+    torch.testing.assert_close(model.text(short), model.text(ids)[2:3], atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_at_init_leave_the_backbone_unchanged():
+    torch.manual_seed(0)
+    plain = M.TwoTower(tiny_model_cfg(adapter="none"), 4).eval()
+    images, ids = tiny_batch(plain.cfg)
+    want = plain(images, ids)
+    for adapter in ("ssf", "prompt"):   # SSF: scale 1, shift 0; prompts: gate tanh(0) = 0
+        m = M.TwoTower(tiny_model_cfg(adapter=adapter), 4).eval()
+        m.load_state_dict(plain.state_dict(), strict=False)
+        torch.testing.assert_close(m(images, ids), want, atol=1e-6, rtol=1e-6)
+
+
+def test_adapters_change_output_once_trained_and_ssf_merges_exactly():
+    torch.manual_seed(0)
+    m = M.TwoTower(tiny_model_cfg(adapter="ssf"), 4).eval()
+    images, ids = tiny_batch(m.cfg)
+    before = m(images, ids)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "_ssf." in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    tuned = m(images, ids)
+    assert (tuned - before).abs().max() > 1e-3
+    M.merge_ssf(m)
+    assert not any("_ssf." in k for k in m.state_dict())
+    torch.testing.assert_close(m(images, ids), tuned, atol=1e-4, rtol=1e-4)
+
+
+def test_freeze_trains_only_adapters_and_head():
+    for adapter, expect in (("ssf", "_ssf."), ("prompt", ".prompt")):
+        m = M.TwoTower(tiny_model_cfg(adapter=adapter), 4)
+        m.freeze_backbone()
+        names = [n for n, p in m.named_parameters() if p.requires_grad]
+        assert names and all(n.startswith("head.") or expect in n for n in names)
+        assert 0 < m.trainable_params() < sum(p.numel() for p in m.parameters()) / 2
+
+
+def test_aux_returns_one_attention_row_and_token_features():
+    cfg = tiny_model_cfg()
+    m = M.TwoTower(cfg, 2).eval()
+    images, ids = tiny_batch(cfg)
+    patches = M.patchify(images, cfg.vit.patch_size)
+    idx = torch.arange(patches.shape[1]).expand(3, -1)
+    _, (img_aux, txt_aux) = m.features(patches, idx, ids, aux=True)
+    row, tok = img_aux
+    assert row.shape == (3, cfg.vit.n_patches) and tok.shape == (3, cfg.vit.n_patches, cfg.vit.embed_dim)
+    torch.testing.assert_close(row.sum(1), torch.full((3,), row.sum(1)[0].item()), atol=0.2, rtol=0)
+    trow, ttok = txt_aux
+    assert trow.shape == ids.shape and ttok.shape == (*ids.shape, cfg.text.embed_dim)
+    assert (trow[ids == cfg.text.pad_id] == 0).all()
+    torch.testing.assert_close(trow.sum(1), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_modalities_select_towers():
+    img_only = M.TwoTower(tiny_model_cfg(modalities="image"), 3).eval()
+    images, ids = tiny_batch(img_only.cfg)
+    out1 = img_only(images, ids)
+    out2 = img_only(images, torch.flip(ids, [0]))      # text ignored
+    torch.testing.assert_close(out1, out2)
+    assert img_only.feat_dim == 24
+    with pytest.raises(ValueError):
+        M.TwoTower(tiny_model_cfg(modalities="audio"))
+
+
+def test_head_grows_and_keeps_old_rows():
+    m = M.TwoTower(tiny_model_cfg(), 3)
+    w = m.head.weight.detach().clone()
+    m.grow(2)
+    assert m.n_classes == 5
+    torch.testing.assert_close(m.head.weight[:3], w)
+
+
+def test_overfit_one_batch():
+    torch.manual_seed(0)
+    m = M.TwoTower(tiny_model_cfg(), 3)
+    m.freeze_backbone()
+    images, ids = tiny_batch(m.cfg)
+    y = torch.tensor([0, 1, 2])
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(m(images, ids), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    assert (m(images, ids).argmax(1) == y).all()
+
+
+def test_safetensors_and_bert_layout_load(tmp_path):
+    """A BERT-layout checkpoint written in the safetensors format loads into the post-norm tower."""
+    D_, L_, V = 16, 2, 30
+    sd = {"embeddings.word_embeddings.weight": torch.randn(V, D_), "embeddings.position_embeddings.weight": torch.randn(10, D_),
+          "embeddings.token_type_embeddings.weight": torch.randn(2, D_),
+          "embeddings.LayerNorm.weight": torch.rand(D_), "embeddings.LayerNorm.bias": torch.randn(D_)}
+    for i in range(L_):
+        p = f"encoder.layer.{i}."
+        for n, shape in (("attention.self.query", (D_, D_)), ("attention.self.key", (D_, D_)),
+                         ("attention.self.value", (D_, D_)), ("attention.output.dense", (D_, D_)),
+                         ("intermediate.dense", (4 * D_, D_)), ("output.dense", (D_, 4 * D_))):
+            sd[p + n + ".weight"], sd[p + n + ".bias"] = torch.randn(shape), torch.randn(shape[0])
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            sd[p + n + ".weight"], sd[p + n + ".bias"] = torch.rand(D_), torch.randn(D_)
+    header, blob, off = {}, b"", 0
+    for k, v in sd.items():
+        b = v.numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        blob, off = blob + b, off + len(b)
+    h = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + blob)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": V, "max_position_embeddings": 10, "hidden_size": D_,
+                                                      "num_hidden_layers": L_, "num_attention_heads": 2,
+                                                      "intermediate_size": 4 * D_}))
+    cfg, state = M.load_bert(str(tmp_path))
+    tower = M.TextTransformer(cfg)
+    tower.load_state_dict(state)
+    torch.testing.assert_close(tower.blocks[1].attn.qkv.weight[D_:2 * D_], sd["encoder.layer.1.attention.self.key.weight"])
+    ids = torch.tensor([[1, 5, 7, 2, 0, 0]])
+    # post-norm by hand for layer 0 of the first token's path is long; check determinism and padding instead
+    torch.testing.assert_close(tower(ids), tower(ids[:, :4]), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_synth_is_seeded_and_shaped():
+    cfg = D.SynthConfig(n_classes=5, train_per_class=3, test_per_class=2)
+    a, b = D.make_synth(cfg), D.make_synth(cfg)
+    assert torch.equal(a["images"], b["images"]) and a["texts"] == b["texts"]
+    assert a["images"].shape == (25, 3, 32, 32) and a["images"].dtype == torch.uint8
+    assert a["is_test"].sum() == 10
+    c = D.make_synth(replace(cfg, seed=1))
+    assert not torch.equal(a["images"], c["images"])
+    pre = D.make_synth(replace(cfg, class_offset=100))
+    assert not set(pre["class_names"]) & set(a["class_names"])
+
+
+def test_default_synth_has_100_classes_and_captions_mix_words():
+    d = D.make_synth()
+    assert len(d["class_names"]) >= 100
+    words = " ".join(d["texts"]).split()
+    assert set(D.BACKGROUNDS) <= set(words) and set(d["class_names"]) & set(words)
+    assert sum(w in D.FILLERS for w in words) > len(words) / 4
+
+
+def test_manifest_csv_and_jsonl(tmp_path):
+    from PIL import Image
+    rows = []
+    for i in range(6):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "text": f"caption {i}", "label": "cat" if i % 2 else "dog"})
+    with open(tmp_path / "m.csv", "w") as f:
+        f.write("image,text,label\n" + "".join(f"{r['image']},{r['text']},{r['label']}\n" for r in rows))
+    with open(tmp_path / "m.jsonl", "w") as f:
+        f.write("".join(json.dumps(dict(r, split="test" if i < 2 else "train")) + "\n" for i, r in enumerate(rows)))
+    a = D.read_manifest(str(tmp_path / "m.csv"), 16, test_share=0.34)
+    assert a["images"].shape == (6, 3, 16, 16) and a["class_names"] == ["cat", "dog"]
+    assert a["is_test"].sum() == 2 and set(a["labels"][a["is_test"]].tolist()) == {0, 1}   # stratified
+    b = D.read_manifest(str(tmp_path / "m.jsonl"), 16)
+    assert b["is_test"].tolist() == [True, True, False, False, False, False]
+    (tmp_path / "bad.csv").write_text("image,caption\nx.png,hi\n")
+    with pytest.raises(SystemExit, match="lacks field"):
+        D.read_manifest(str(tmp_path / "bad.csv"), 16)
+
+
+def test_tokenizer_trains_saves_and_truncates(tmp_path):
+    tok = D.SPTokenizer.train(D.make_synth(D.SynthConfig(n_classes=5))["texts"], 200)
+    tok.save(str(tmp_path / "t.model"))
+    tok2 = D.load_tokenizer(str(tmp_path / "t.model"))
+    text = "a photo of a thing on the grass"
+    assert tok.encode(text) == tok2.encode(text) and tok.encode(text)[0] == tok.bos_id
+    ids = D.encode_texts(tok, [text * 10, "hi"], 8)
+    assert ids.shape == (2, 8) and ids[0, -1] == tok.eos_id and ids[1, -1] == tok.pad_id
+
+
+def test_wordpiece(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "photo", "of", "dog",
+                                                    "##s", "play", "##ing", ","]))
+    tok = D.load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert tok.tokenize("A photo of dogs, playing!") == ["[CLS]", "a", "photo", "of", "dog", "##s", ",", "play",
+                                                         "##ing", "[UNK]", "[SEP]"]
+
+
+def test_phase_split():
+    order = D.class_order(10, seed=0)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    assert D.phase_classes(order, 5) == [order[i:i + 2] for i in range(0, 10, 2)]
+    ph = D.phase_classes(order, 4, first=4)
+    assert [len(p) for p in ph] == [4, 2, 2, 2]
+    with pytest.raises(ValueError):
+        D.phase_classes(order, 3)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _fake_exemplars(c, n, size=10):
+    return [exmask.encode(torch.randint(0, 255, (4, size), dtype=torch.uint8), torch.tensor([2, 5, 6, 3, 0, 0]),
+                          c, 50, 0) for _ in range(n)]
+
+
+def test_byte_count_is_exact():
+    ex = exmask.encode(torch.zeros(16, 48, dtype=torch.uint8), torch.tensor([2, 7, 9, 3, 0, 0]), 3, 700, 0)
+    assert exmask.nbytes(ex) == 16 * 48 + 4 * 2 + 2          # pixels, 4 int16 token ids, int16 label
+    masked = exmask.encode(torch.zeros(16, 48, dtype=torch.uint8), torch.tensor([2, 7, 9, 3, 0, 0]), 3, 200, 0,
+                           idx=torch.tensor([1, 5]), keep=torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool))
+    assert exmask.nbytes(masked) == 2 * 48 + 2 + 3 + 3 + 2    # uint8 ids and positions, uint8 patch idx
+    assert exmask.int_dtype(256) == torch.uint8 and exmask.int_dtype(30522) == torch.int16
+    assert exmask.int_dtype(60000) == torch.uint16
+
+
+@pytest.mark.parametrize("kind", ["per_class", "total"])
+def test_memory_never_exceeds_budget(kind):
+    unit = exmask.nbytes(_fake_exemplars(0, 1)[0])
+    mem = Memory(per_class_bytes=3 * unit) if kind == "per_class" else Memory(total_bytes=30 * unit + 5)
+    for phase in range(4):
+        mem.add({c: _fake_exemplars(c, 8) for c in range(phase * 3, phase * 3 + 3)})
+        assert mem.bytes_used() <= mem.budget()
+        counts = [len(v) for v in mem.classes.values()]
+        assert max(counts) - min(counts) <= 1 and min(counts) >= 2
+    s = mem.stats()
+    assert s["bytes_used"] == mem.bytes_used() and s["exemplars"] == len(mem)
+
+
+def test_memory_state_dict_round_trip():
+    mem = Memory(per_class_bytes=10 ** 6)
+    mem.add({0: _fake_exemplars(0, 3), 1: _fake_exemplars(1, 2)})
+    mem.add({2: [exmask.encode(torch.zeros(4, 10, dtype=torch.uint8), torch.tensor([2, 5, 3]), 2, 50, 0)]})
+    sd = mem.state_dict()
+    assert all(isinstance(v, (torch.Tensor, int, float, bool, list)) for v in sd.values())
+    back = Memory.from_state_dict(sd)
+    assert back.stats() == mem.stats() and list(back.classes) == [0, 1, 2]
+    for a, b in zip(mem.items(), back.items()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_herding_picks_representative_first():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [0.9, 0.1]])
+    order = herding(feats, 4)
+    assert order[0] == 2 and sorted(order) == [0, 1, 2, 3]
+
+
+def test_collate_pads_text_and_keeps_positions():
+    full = exmask.encode(torch.arange(8, dtype=torch.uint8).view(4, 2), torch.tensor([2, 5, 6, 3, 0]), 1, 50, 0)
+    batch = exmask.collate([full, full], pad_id=0)
+    assert batch["ids"].tolist() == [[2, 5, 6, 3]] * 2 and batch["pos"].tolist() == [[0, 1, 2, 3]] * 2
+    assert batch["patch_idx"].tolist() == [[0, 1, 2, 3]] * 2 and batch["labels"].tolist() == [1, 1]
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_metrics():
+    from train import metrics
+    m = metrics([[90.0], [70.0, 80.0], [50.0, 60.0, 70.0]], [[10], [10, 10], [10, 10, 20]])
+    assert m["phase_accuracy"] == [90.0, 75.0, 62.5]
+    assert m["last_accuracy"] == 62.5 and m["avg_incremental_accuracy"] == pytest.approx(75.833, abs=1e-3)
+    assert m["avg_forgetting"] == pytest.approx(((90 - 50) + (80 - 60)) / 2)
+    assert m["bwt"] == pytest.approx(((50 - 90) + (60 - 80)) / 2)
+
+
+def test_train_end_to_end_writes_results_and_caches_backbone(tmp_path):
+    from train import train
+    cfg = tiny_train_cfg(tmp_path, methods="finetune,replay,joint")
+    results = train(cfg)
+    saved = json.load(open(os.path.join(cfg.out, "results.json")))
+    assert saved == json.loads(json.dumps(results))
+    for r in results:
+        for key in ("method", "seed", "phases", "classes_per_phase", "accuracy_matrix", "avg_incremental_accuracy",
+                    "last_accuracy", "avg_forgetting", "bwt", "phase_seconds", "trainable_params", "memory"):
+            assert key in r
+        assert len(r["accuracy_matrix"]) == 2 and len(r["accuracy_matrix"][1]) == 2
+        assert set(r["memory"]) >= {"budget_bytes", "bytes_used", "exemplars", "exemplars_per_class",
+                                    "mean_kept_patches", "mean_kept_tokens"}
+    replay = results[1]["memory"]
+    assert 0 < replay["bytes_used"] <= replay["budget_bytes"] and replay["exemplars_per_class"] == 2
+    assert results[0]["memory"]["exemplars"] == 0
+    assert len(os.listdir(cfg.cache_dir)) == 1                      # the pretrained towers, cached
+    assert os.path.exists(os.path.join(cfg.out, "replay", "model.pt"))
+
+
+def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, phases=3, synth=D.SynthConfig(n_classes=6, train_per_class=8, test_per_class=4))
+    want = T.train(replace(cfg, out=str(tmp_path / "a")))[0]
+    real_save, calls = T.save_checkpoint, []
+
+    def crash_after_two(path, ck):
+        real_save(path, ck)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(replace(cfg, out=str(tmp_path / "b")))
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    got = T.train(replace(cfg, out=str(tmp_path / "b"), resume=True))[0]
+    assert got["accuracy_matrix"] == want["accuracy_matrix"] and got["memory"] == want["memory"]
+
+
+def test_memory_bytes_option_and_modalities(tmp_path):
+    from train import train
+    r = train(tiny_train_cfg(tmp_path, memory_bytes=5000))[0]
+    assert r["memory"]["budget_bytes"] == 5000 and r["memory"]["bytes_used"] <= 5000
+    r = train(tiny_train_cfg(tmp_path, methods="replay", out=str(tmp_path / "t"),
+                             model=replace(tiny_train_cfg(tmp_path).model, modalities="text", adapter="prompt")))[0]
+    assert r["modalities"] == "text" and r["adapter"] == "prompt"
+
+
+def test_bad_method_and_cli_parse(tmp_path):
+    import train as T
+    with pytest.raises(ValueError, match="unknown method"):
+        T.Config(methods="replay,magic")
+    with pytest.raises(SystemExit):
+        T.main(["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")])
