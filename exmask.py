@@ -68,13 +68,20 @@ def text_scores(cls_row: torch.Tensor, content: torch.Tensor, ctx: torch.Tensor 
     return s
 
 
-def keep_text(scores: torch.Tensor, ids: torch.Tensor, pad_id: int, eos_id: int, share: float) -> torch.Tensor:
-    """(B, L) scores and ids -> (B, L) bool keep mask: special tokens (position 0 and eos) always,
-    plus the top `share` of each caption's other tokens."""
+def special_tokens(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids -> (special, content) bool masks. Special: position 0 (the pooling token) and the
+    last real token (the end marker, which data.encode_texts always keeps last)."""
     real = ids != pad_id
-    special = (ids == eos_id) & real
+    special = torch.zeros_like(real)
     special[:, 0] = True
-    content = real & ~special
+    special.scatter_(1, (real.sum(1, keepdim=True) - 1).clamp(min=0), True)
+    return special & real, real & ~special
+
+
+def keep_text(scores: torch.Tensor, ids: torch.Tensor, pad_id: int, share: float) -> torch.Tensor:
+    """(B, L) scores and ids -> (B, L) bool keep mask: special tokens always, plus the top `share`
+    of each caption's other tokens."""
+    special, content = special_tokens(ids, pad_id)
     n_keep = (content.sum(1).float() * share).round().clamp(min=1).long()        # (B,)
     s = scores.masked_fill(~content, float("-inf"))
     rank = s.argsort(1, descending=True).argsort(1)                               # (B, L) rank of each token
@@ -133,3 +140,62 @@ def collate(items: list[dict], pad_id: int, device="cpu") -> dict:
         pos[i, :n] = ex["pos"].long() if "pos" in ex else torch.arange(n)
     labels = torch.stack([ex["label"].long() for ex in items])
     return {k: v.to(device) for k, v in dict(pixels=pixels, patch_idx=pidx, ids=ids, pos=pos, labels=labels).items()}
+
+
+# ----------------------------------------------------------------------------- mixup replay
+
+def pad_to(batch: dict, L: int, pad_id: int) -> dict:
+    """Pad a batch's captions to length L."""
+    n = L - batch["ids"].shape[1]
+    if n <= 0:
+        return batch
+    return dict(batch, ids=F.pad(batch["ids"], (0, n), value=pad_id), pos=F.pad(batch["pos"], (0, n)))
+
+
+def recombine(a: dict, b: dict, which: torch.Tensor, pad_id: int) -> dict:
+    """Same-class modality recombination: where `which` (B,) is set, a's kept image tokens with b's
+    kept text. b[i] must be of a[i]'s class, so the labels stand."""
+    L = max(a["ids"].shape[1], b["ids"].shape[1])
+    a, b = pad_to(a, L, pad_id), pad_to(b, L, pad_id)
+    w = which[:, None]
+    return dict(a, ids=torch.where(w, b["ids"], a["ids"]), pos=torch.where(w, b["pos"], a["pos"]))
+
+
+def token_mixup(a: dict, b: dict, lam: torch.Tensor, pad_id: int, generator: torch.Generator) -> dict:
+    """Cross-exemplar token mixup: sample i takes a random lam[i] share of a[i]'s kept patches and
+    caption tokens and fills the rest from b[i]'s, every token at its own original position.
+    The label becomes lam'*y_a + (1-lam')*y_b, lam' the share of a's patches actually taken;
+    returned as labels (a), labels_b and lam (B,)."""
+    B, K, _ = a["pixels"].shape
+    dev = a["pixels"].device
+    k_a = (lam * K).round().long().clamp(0, K)                                        # (B,)
+    # a random order of each sample's patches: the first k_a of a's, then the rest from b's
+    take_a = torch.rand(B, K, generator=generator).to(dev).argsort(1)                 # (B, K)
+    take_b = torch.rand(B, K, generator=generator).to(dev).argsort(1)
+    from_a = torch.arange(K, device=dev)[None] < k_a[:, None]                        # (B, K)
+    pix = torch.where(from_a[..., None], a["pixels"].gather(1, take_a[..., None].expand(-1, -1, a["pixels"].shape[2])),
+                      b["pixels"].gather(1, take_b[..., None].expand(-1, -1, b["pixels"].shape[2])))
+    pidx = torch.where(from_a, a["patch_idx"].gather(1, take_a), b["patch_idx"].gather(1, take_b))
+    lam_eff = k_a.float() / K
+    # text: a's special tokens and pooling token stay; content tokens are shared out by lam_eff
+    ids, pos = [], []
+    for i in range(B):
+        ra_, rb_ = a["ids"][i] != pad_id, b["ids"][i] != pad_id
+        ai, ap = a["ids"][i][ra_], a["pos"][i][ra_]
+        bi, bp = b["ids"][i][rb_], b["pos"][i][rb_]
+        na = max(0, len(ai) - 2)
+        nb = max(0, len(bi) - 2)
+        ka = int(round(float(lam_eff[i]) * na))
+        kb = int(round((1 - float(lam_eff[i])) * nb))
+        sa = 1 + torch.randperm(na, generator=generator)[:ka].to(dev)
+        sb = 1 + torch.randperm(nb, generator=generator)[:kb].to(dev)
+        keep_i = torch.cat([ai[:1], ai[sa], bi[sb], ai[-1:]])
+        keep_p = torch.cat([ap[:1], ap[sa], bp[sb], ap[-1:]])
+        ids.append(keep_i)
+        pos.append(keep_p)
+    L = max(len(t) for t in ids)
+    ids_t = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
+    pos_t = torch.zeros((B, L), dtype=torch.long, device=dev)
+    for i, (t, p) in enumerate(zip(ids, pos)):
+        ids_t[i, :len(t)], pos_t[i, :len(p)] = t, p
+    return dict(a, pixels=pix, patch_idx=pidx, ids=ids_t, pos=pos_t, labels_b=b["labels"], lam=lam_eff)

@@ -80,6 +80,11 @@ class Memory:
         flat = [ex for items in self.classes.values() for ex in items]
         return [flat[rng.randrange(len(flat))] for _ in range(n)] if flat else []
 
+    def partner(self, ex: dict, rng: random.Random) -> dict:
+        """A random stored exemplar of ex's class (for same-class recombination)."""
+        items = self.classes[int(ex["label"])]
+        return items[rng.randrange(len(items))]
+
     def items(self) -> list[dict]:
         return [ex for items in self.classes.values() for ex in items]
 

@@ -29,7 +29,17 @@ import exmask
 import models as M
 from memory import Memory, herding
 
-METHODS = ("finetune", "replay", "joint", "exmask")
+# exmask and its ablations: (image scores, text scores, cross-modal context term, mixup replay).
+# "attn": pooling-query attention; "random": same shares kept at random; None: kept whole.
+MASKING = {
+    "exmask": ("attn", "attn", True, True),
+    "random-mask": ("random", "random", False, True),
+    "image-mask": ("attn", None, False, True),
+    "text-mask": (None, "attn", False, True),
+    "no-context": ("attn", "attn", False, True),
+    "no-mixup": ("attn", "attn", True, False),
+}
+METHODS = ("finetune", "replay", "joint", *MASKING)
 
 
 @dataclass
@@ -40,6 +50,7 @@ class PretrainConfig:
     per_class: int = 40
     class_offset: int = 100      # pretraining classes come from another part of the class pool
     seed: int = 1                # another world: other sprites, other class -> background links
+    bg_prob: float = 0.1         # backgrounds barely tied to classes, so the towers learn to look at objects
     epochs: int = 6
     batch_size: int = 128
     lr: float = 2e-3
@@ -54,6 +65,11 @@ class Config:
     first_phase: int = 0                    # classes in the first phase; 0 = an even split
     memory_per_class: float = 5.0           # budget in full exemplars' bytes per seen class
     memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
+    keep_image: float = 0.25                # share of image patches a masked exemplar keeps
+    keep_text: float = 0.5                  # share of caption tokens kept (special tokens always)
+    context_weight: float = 1.0             # weight of the cross-modal context term in text scores
+    recombine: float = 0.5                  # share of replayed exemplars given a same-class partner's text
+    token_mixup: float = 0.5                # share of replayed exemplars token-mixed with another exemplar
     seed: int = 0
     epochs: int = 3
     batch_size: int = 32
@@ -107,7 +123,8 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> to
 def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tuple[dict, D.SPTokenizer]:
     """Train the default towers from scratch on the disjoint pretraining corpus."""
     corpus = D.make_synth(D.SynthConfig(n_classes=pcfg.classes, train_per_class=pcfg.per_class, test_per_class=0,
-                                        class_offset=pcfg.class_offset, seed=pcfg.seed))
+                                        class_offset=pcfg.class_offset, seed=pcfg.seed,
+                                        bg_prob=pcfg.bg_prob))
     tok = D.SPTokenizer.train(corpus["texts"], pcfg.vocab_size)
     mcfg = replace(mcfg, adapter="none", modalities="image,text", text=replace(mcfg.text, vocab_size=tok.vocab_size))
     torch.manual_seed(pcfg.seed)
@@ -225,23 +242,79 @@ def autocast(device: str):
 # ----------------------------------------------------------------------------- memory
 
 @torch.no_grad()
-def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, device: str) -> dict:
-    """Exemplars for the new classes, in herding order on the fused features."""
+def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg: Config,
+               gen: torch.Generator) -> tuple[dict, list]:
+    """Exemplars for the new classes, in herding order on the fused features; masked for exmask
+    and its ablations. Also returns, for the picture, the first exemplar of up to 4 classes."""
     model.eval()
-    out = {}
-    V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
+    out, shown = {}, []
+    V, pad, dev = model.cfg.text.vocab_size, model.cfg.text.pad_id, cfg.device
+    img_mode, txt_mode, context, _ = MASKING.get(method, (None, None, False, False))
+    img_mode = img_mode if model.use_image else None
+    txt_mode = txt_mode if model.use_text else None
     for c in classes:
         idx = (~data["is_test"] & (data["labels"] == c)).nonzero().flatten()
+        patches, ids = data["patches"][idx], data["ids"][idx]
         if method == "joint":
-            order = range(len(idx))
-        else:
-            x = data["patches"][idx].to(device)
-            pidx = torch.arange(x.shape[1], device=device).expand(len(idx), -1)
-            with autocast(device):
-                f = model.features(x, pidx, data["ids"][idx].to(device))
-            order = herding(f.float().cpu(), len(idx))
-        out[c] = [exmask.encode(data["patches"][idx[i]], data["ids"][idx[i]], c, V, pad) for i in order]
-    return out
+            out[c] = [exmask.encode(patches[i], ids[i], c, V, pad) for i in range(len(idx))]
+            continue
+        x = patches.to(dev)
+        pidx = torch.arange(x.shape[1], device=dev).expand(len(idx), -1)
+        with autocast(dev):
+            f, (ia, ta) = model.features(x, pidx, ids.to(dev), aux=True)
+        order = herding(f.float().cpu(), len(idx))
+        n, N = len(idx), x.shape[1]
+        keep_idx = keep = None
+        dropped = torch.zeros(n, N, dtype=torch.bool)
+        if img_mode:
+            score = ia[0].float().cpu() if img_mode == "attn" else exmask.random_scores((n, N), gen)
+            keep_idx = exmask.keep_top(score, exmask.keep_count(N, cfg.keep_image))      # (n, K)
+            dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, keep_idx, False)
+        if txt_mode:
+            _, content = exmask.special_tokens(ids, pad)
+            if txt_mode == "random":
+                tscore = exmask.random_scores(ids.shape, gen)
+            else:
+                ctx = None
+                if context and img_mode and ia is not None:
+                    ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
+                tscore = exmask.text_scores(ta[0].float().cpu(), content, ctx, cfg.context_weight)
+            keep = exmask.keep_text(tscore, ids, pad, cfg.keep_text)                      # (n, L)
+        out[c] = [exmask.encode(patches[i], ids[i], c, V, pad,
+                                None if keep_idx is None else keep_idx[i], None if keep is None else keep[i])
+                  for i in order]
+        if len(shown) < 4 and (img_mode or txt_mode):
+            i = order[0]
+            shown.append({"patches": patches[i], "attn": ia[0][i].float().cpu() if ia is not None else None,
+                          "kept": None if keep_idx is None else keep_idx[i], "ids": ids[i],
+                          "keep": None if keep is None else keep[i], "label": c})
+    return out, shown
+
+
+def replay_batch(memory: Memory, B: int, cfg: Config, method: str, pad: int, rng: random.Random,
+                 gen: torch.Generator) -> dict:
+    """B exemplars from memory; for exmask and its ablations, diversified by mixup replay."""
+    items = memory.sample(B, rng)
+    r = exmask.collate(items, pad)
+    if method in MASKING and MASKING[method][3]:
+        if cfg.recombine > 0:
+            partner = exmask.collate([memory.partner(ex, rng) for ex in items], pad)
+            r = exmask.recombine(r, partner, torch.rand(B, generator=gen) < cfg.recombine, pad)
+        if cfg.token_mixup > 0:
+            other = exmask.collate(memory.sample(B, rng), pad)
+            mixed = torch.rand(B, generator=gen) < cfg.token_mixup
+            lam = torch.where(mixed, torch.rand(B, generator=gen), torch.ones(B))
+            r = exmask.token_mixup(r, other, lam, pad, gen)
+    return {k: v.to(cfg.device) for k, v in r.items()}
+
+
+def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
+    """Cross-entropy against lam * y_a + (1 - lam) * y_b (plain CE where there is no lam)."""
+    if "lam" not in r:
+        return F.cross_entropy(logits, r["labels"])
+    lam = r["lam"]
+    return (lam * F.cross_entropy(logits, r["labels"], reduction="none")
+            + (1 - lam) * F.cross_entropy(logits, r["labels_b"], reduction="none")).mean()
 
 
 # ----------------------------------------------------------------------------- one method
@@ -268,7 +341,7 @@ def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> N
         json.dump(class_names, f)
 
 
-def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, con) -> dict:
+def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, tok, con) -> dict:
     device = cfg.device
     phase_cls = D.phase_classes(list(range(len(data["class_names"]))), cfg.phases, cfg.first_phase)
     torch.manual_seed(cfg.seed)
@@ -302,12 +375,17 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         n_params = model.trainable_params()
         if method == "joint":   # the upper bound: every training sample of every seen class, together
             seen = [c for p in phase_cls[:t + 1] for c in p]
-            train_phase(cfg, model, data, seen, None, rng, con, f"[{method}] phase {t + 1}/{cfg.phases}")
+            train_phase(cfg, model, data, seen, None, method, rng, con, f"[{method}] phase {t + 1}/{cfg.phases}")
         else:
-            train_phase(cfg, model, data, phase_cls[t], memory if method != "finetune" else None, rng, con,
+            train_phase(cfg, model, data, phase_cls[t], memory if method != "finetune" else None, method, rng, con,
                         f"[{method}] phase {t + 1}/{cfg.phases}")
         if method != "finetune":
-            memory.add(candidates(model, data, phase_cls[t], method, device))
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
+            cands, shown = candidates(model, data, phase_cls[t], method, cfg, gen)
+            memory.add(cands)
+            if t == 0 and shown:
+                draw_masked(os.path.join(cfg.out, method, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
+                            tok, data["class_names"])
         row, cnt = evaluate(model, data, phase_cls, t, device)
         R.append(row)
         counts.append(cnt)
@@ -333,7 +411,7 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
 
 
 def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], memory: Memory | None,
-                rng: random.Random, con, desc: str) -> None:
+                method: str, rng: random.Random, con, desc: str) -> None:
     """Epochs over the new classes' training data; each step also replays a batch from memory."""
     device = cfg.device
     idx = (~data["is_test"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
@@ -343,6 +421,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     steps = cfg.epochs * math.ceil(len(idx) / B)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     pad = model.cfg.text.pad_id
+    gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
     model.train()
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
@@ -355,9 +434,9 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                     y = data["labels"][b].to(device)
                     loss = F.cross_entropy(logits.float(), y)
                     if memory is not None and len(memory):
-                        r = exmask.collate(memory.sample(B, rng), pad, device)
+                        r = replay_batch(memory, B, cfg, method, pad, rng, gen)
                         lr_ = model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"])
-                        loss = (loss + F.cross_entropy(lr_.float(), r["labels"])) / 2
+                        loss = (loss + mixed_ce(lr_.float(), r)) / 2
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -381,12 +460,13 @@ def train(cfg: Config = Config()) -> list[dict]:
     data = prepare(raw, cfg, mcfg, tok)
     results = []
     for method in cfg.method_list:
-        res, model = run_method(cfg, method, data, mcfg, backbone, con)
+        res, model = run_method(cfg, method, data, mcfg, backbone, tok, con)
         results.append(res)
         save_model(os.path.join(cfg.out, method), model, data["class_names"], tok)
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
             json.dump(results if len(results) > 1 else results[0], f, indent=1)
     show(results, con)
+    draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     return results
 
 
@@ -402,6 +482,91 @@ def show(results: list[dict], con) -> None:
                     f"{r['avg_forgetting']:.2f}", f"{r['bwt']:.2f}", f"{m['exemplars_per_class']:.1f}",
                     f"{m['bytes_used']:,}", f"{r['trainable_params']:,}", f"{sum(r['phase_seconds']):.0f}")
     con.print(tab)
+
+
+# ----------------------------------------------------------------------------- pictures (PIL only)
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def draw_masked(path: str, shown: list[dict], p: int, tok, class_names: list[str]) -> None:
+    """The paper's Figure 4 for a few exemplars: image, attention map, kept patches, and the
+    caption with kept tokens in red and dropped ones in grey."""
+    from PIL import Image, ImageDraw
+    z = 4                                                        # pixel zoom
+    S = shown[0]["patches"].shape[0] ** 0.5 * p
+    cell = int(S * z)
+    W, H = 3 * (cell + 10) + 520, len(shown) * (cell + 10) + 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = _font(14)
+    for col, title in enumerate(("image", "attention", "kept patches")):
+        d.text((col * (cell + 10), 5), title, fill="black", font=font)
+    d.text((3 * (cell + 10), 5), "caption: kept (red), dropped (grey)", fill="black", font=font)
+    for r, ex in enumerate(shown):
+        y0 = 30 + r * (cell + 10)
+        full = M.unpatchify(ex["patches"][None].float(), p)[0]                      # (3, S, S)
+        pil = lambda t: Image.fromarray(t.clamp(0, 255).byte().permute(1, 2, 0).numpy()).resize((cell, cell), Image.NEAREST)
+        img.paste(pil(full), (0, y0))
+        if ex["attn"] is not None:
+            a = ex["attn"] / ex["attn"].max()
+            g = int(len(a) ** 0.5)
+            amap = (a.view(1, 1, g, g) * 255).expand(1, 3, g, g)[0]
+            img.paste(pil(amap), (cell + 10, y0))
+        kept = torch.zeros(ex["patches"].shape[0], dtype=torch.bool)
+        kept[ex["kept"] if ex["kept"] is not None else slice(None)] = True
+        masked = M.unpatchify((ex["patches"].float() * kept[:, None])[None], p)[0]
+        img.paste(pil(masked), (2 * (cell + 10), y0))
+        x, y = 3 * (cell + 10), y0
+        d.text((x, y), class_names[ex["label"]], fill="black", font=font)
+        y += 20
+        real = (ex["ids"] != tok.pad_id).nonzero().flatten().tolist()
+        for j in real:
+            piece = tok.sp.id_to_piece(int(ex["ids"][j])) if hasattr(tok, "sp") else tok.inv[int(ex["ids"][j])]
+            piece = piece.replace("\u2581", " ")
+            keep = ex["keep"] is None or bool(ex["keep"][j])
+            w = d.textlength(piece, font=font)
+            if x + w > W - 5:
+                x, y = 3 * (cell + 10), y + 18
+            d.text((x, y), piece, fill=(200, 0, 0) if keep else (170, 170, 170), font=font)
+            x += w + 2
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path)
+
+
+def draw_accuracy(path: str, results: list[dict]) -> None:
+    """Accuracy on all seen classes after each phase, one line per method."""
+    from PIL import Image, ImageDraw
+    W, H, m = 640, 420, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = _font(13)
+    T = max(len(r["phase_accuracy"]) for r in results)
+    X = lambda t: m + (W - 2 * m - 120) * (t / max(T - 1, 1))
+    Y = lambda a: H - m - (H - 2 * m) * a / 100
+    d.rectangle([m, m, W - m - 120, H - m], outline="black")
+    for a in range(0, 101, 20):
+        d.text((10, Y(a) - 7), f"{a}%", fill="black", font=font)
+        d.line([m, Y(a), W - m - 120, Y(a)], fill=(225, 225, 225))
+    for t in range(T):
+        d.text((X(t) - 4, H - m + 6), str(t + 1), fill="black", font=font)
+    d.text((W / 2 - 60, H - 22), "phase", fill="black", font=font)
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34)]
+    for k, r in enumerate(results):
+        c = colors[k % len(colors)]
+        pts = [(X(t), Y(a)) for t, a in enumerate(r["phase_accuracy"])]
+        d.line(pts, fill=c, width=2) if len(pts) > 1 else None
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        d.text((W - m - 110, m + 18 * k), f"{r['method']} {r['avg_incremental_accuracy']:.1f}", fill=c, font=font)
+    d.text((m, 15), "accuracy on all seen classes", fill="black", font=font)
+    img.save(path)
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,346 @@
+"""ONNX export of the final incremental classifier, and inference with ONNX Runtime.
+
+    python export.py DIR                                   # DIR/model.onnx, checked against PyTorch
+    python export.py DIR --predict IMAGE "caption"         # top-5 class names with probabilities
+    python export.py DIR --manifest FILE [--top-k 3]       # many: CSV/JSONL with fields image,text
+    python export.py DIR --manifest FILE --check           # ORT vs PyTorch on those rows
+
+DIR is one method's folder written by train.py (`<out>/<method>/`): model.pt (config, full state
+with adapters unmerged, class names), tokenizer.model and labels.json. The export folds the SSF
+adapters into the frozen weights (prompt adapters stay; they are plain weights), traces
+TwoTower.forward (images (B, 3, S, S) float 0..255, ids (B, L) int64 -> logits (B, C)) with a
+dynamic batch axis and a dynamic caption length L <= context, and writes one self-contained file
+(no external-data side file) beside the tokenizer and the label names. Image size, context, pad id
+and modalities go into the file's metadata, so serving needs model.onnx, tokenizer.model and
+labels.json only, never the training code.
+
+Preprocessing is the training code's own: data.load_image and data.encode_texts. Captions longer
+than the model's context are truncated by encode_texts, keeping the end token (a note says so);
+an empty caption is an error. Every error is one line starting with 'error:' and a non-zero exit.
+
+From Python: `Predictor(DIR).predict(["a.png"], ["a red disc on the grass"])`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import data as D
+import models as M
+
+ONNX_NAME = "model.onnx"
+TOL = 1e-4   # max |logit difference| ORT vs PyTorch in fp32 that export accepts
+
+
+# ----------------------------------------------------------------------------- loading a run
+
+def _tokenizer_path(folder: str) -> str:
+    # train.py writes tokenizer.model; a BERT-family run may carry vocab.txt instead
+    for name in ("vocab.txt", "tokenizer.model"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise SystemExit(f"error: no tokenizer (tokenizer.model or vocab.txt) in {folder}")
+
+
+def load_model(folder: str) -> tuple[M.TwoTower, list[str]]:
+    """A trained run folder -> (the classifier with SSF merged, eval, fp32 on CPU; class names)."""
+    path = os.path.join(folder, "model.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no trained model in {folder} (model.pt not found; train.py writes it)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = M.ModelConfig.from_dict(ck["model_config"])
+        model = M.TwoTower(cfg, n_classes=len(ck["class_names"]))
+        model.load_state_dict(ck["state"])
+    except Exception as e:  # a truncated or foreign file: say which, in one line
+        raise SystemExit(f"error: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    M.merge_ssf(model.float().eval())
+    return model, list(ck["class_names"])
+
+
+def _meta(model: M.TwoTower) -> dict[str, str]:
+    """What a server needs besides the graph to prepare inputs (ONNX metadata is string -> string)."""
+    c = model.cfg
+    return {"exmask.image_size": str(c.vit.image_size), "exmask.context": str(c.text.context),
+            "exmask.pad_id": str(c.text.pad_id), "exmask.modalities": c.modalities,
+            "exmask.n_classes": str(model.n_classes)}
+
+
+# ----------------------------------------------------------------------------- export
+
+def example_inputs(model: M.TwoTower, batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images (B, 3, S, S) in 0..255 and ids (B, L) that look like encoded captions: position
+    0 is the pooling token, later rows are padded shorter, so the pad mask is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    S, tc = model.cfg.vit.image_size, model.cfg.text
+    images = torch.randint(0, 256, (batch, 3, S, S), generator=g).float()
+    ids = torch.randint(0, tc.vocab_size, (batch, length), generator=g)
+    ids[ids == tc.pad_id] = (tc.pad_id + 1) % tc.vocab_size
+    for b in range(1, batch):
+        ids[b, max(2, length - b * 3):] = tc.pad_id
+    return images, ids
+
+
+def export_onnx(model: M.TwoTower, path: str) -> None:
+    """Trace model.forward into one ONNX file at `path`, written to a temporary name first and then
+    renamed, so a failed or interrupted export never leaves a half-written model.onnx."""
+    L = model.cfg.text.context
+    # trace at batch 2 and the full context: torch.export specialises sizes 0 and 1
+    args = example_inputs(model, 2, L)
+    batch, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1, max=L)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on axis naming are not actionable
+            prog = torch.onnx.export(model, args, dynamo=True, external_data=False, verbose=False,
+                                     input_names=["images", "ids"], output_names=["logits"],
+                                     dynamic_shapes={"images": {0: batch}, "ids": {0: batch, 1: length}})
+            # per-node stack traces name local source paths and are ~20 % of the file: drop them
+            for node in prog.model.graph.all_nodes():
+                node.metadata_props.clear()
+            prog.model.metadata_props.update(_meta(model))
+            prog.save(tmp, external_data=False)
+        os.replace(tmp, path)
+    except Exception as e:  # the exporter's own messages run to pages; the first line says what broke
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise SystemExit(f"error: ONNX export to {path} failed: {type(e).__name__}: {first}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def compare(model: M.TwoTower, session, images: torch.Tensor, ids: torch.Tensor) -> dict:
+    """ORT vs PyTorch (fp32, CPU) on the same inputs: max |logit difference| and top-1 agreement."""
+    with torch.inference_mode():
+        ref = model(images.float(), ids).numpy()
+    out = session.run(["logits"], _feeds(session, images, ids))[0]
+    return {"max_abs_diff": float(np.abs(out - ref).max()), "top1_agree": float((out.argmax(1) == ref.argmax(1)).mean()),
+            "n": len(ids)}
+
+
+def export_run(folder: str, verify: bool = True, log=None) -> str:
+    """Export a trained run folder to folder/model.onnx (labels.json refreshed beside it) and return
+    the path. With verify, ONNX Runtime must match PyTorch within TOL at a batch size and caption
+    length other than the traced ones, or this raises SystemExit (and leaves no model.onnx)."""
+    t0 = time.perf_counter()
+    model, class_names = load_model(folder)
+    _tokenizer_path(folder)  # a model without its tokenizer cannot be served: fail now, not later
+    path = os.path.join(folder, ONNX_NAME)
+    export_onnx(model, path)
+    _write_json(os.path.join(folder, "labels.json"), class_names)
+    secs = time.perf_counter() - t0
+    msg = f"wrote {path} ({os.path.getsize(path) / 1024:,.0f} KB) in {secs:.1f}s"
+    if verify:
+        L = model.cfg.text.context
+        images, ids = example_inputs(model, 3, max(1, L // 2 - 1), seed=1)
+        r = compare(model, session(path, providers=["CPUExecutionProvider"]), images, ids)
+        if not (r["max_abs_diff"] <= TOL and r["top1_agree"] == 1.0):
+            os.remove(path)
+            raise SystemExit(f"error: ONNX Runtime disagrees with PyTorch (max |diff| {r['max_abs_diff']:.2e}, "
+                             f"top-1 agreement {r['top1_agree']:.2f}); {path} removed")
+        msg += f"; ORT vs PyTorch at batch 3, length {ids.shape[1]}: max |diff| {r['max_abs_diff']:.1e}"
+    if log:
+        log(msg)
+    return path
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+def gpu_present() -> bool:
+    """True when a CUDA GPU is usable. ort.get_device() is no test: onnxruntime-gpu says 'GPU'
+    on any machine, with or without one, so ask the CUDA driver through PyTorch."""
+    return torch.cuda.is_available()
+
+
+def session(path: str, providers: list[str] | None = None, threads: int = 0, opt_level: str = "all"):
+    """An ORT session: the CUDA provider when a GPU is present, else the CPU provider. Log severity
+    is 'error' so a CPU-only machine prints no warnings about CUDA; the providers actually in use
+    are `session.get_providers()`."""
+    import onnxruntime as ort
+    ort.set_default_logger_severity(3)
+    if providers is None:
+        providers = ["CPUExecutionProvider"]
+        if gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+            if hasattr(ort, "preload_dlls"):  # the CUDA/cuDNN libraries PyTorch ships, when ORT lacks its own
+                try:
+                    ort.preload_dlls()
+                except Exception:
+                    pass
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[opt_level]
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=providers)
+
+
+def _feeds(sess, images: torch.Tensor, ids: torch.Tensor) -> dict:
+    # an image-only or text-only model's graph has no input for the unused modality
+    have = {i.name for i in sess.get_inputs()}
+    feeds = {"images": images.float().numpy(), "ids": ids.long().numpy()}
+    return {k: v for k, v in feeds.items() if k in have}
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class Predictor:
+    """Serve an exported run: Predictor(DIR).predict(images, captions) -> top-k (class name, prob)
+    per sample. Images are file paths or uint8 tensors (3, S, S); captions are strings."""
+
+    def __init__(self, folder: str, providers: list[str] | None = None, threads: int = 0):
+        path = os.path.join(folder, ONNX_NAME)
+        if not os.path.exists(path):
+            raise SystemExit(f"error: no {ONNX_NAME} in {folder} (run: python export.py {folder})")
+        self.session = session(path, providers, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.image_size, self.context = int(meta["exmask.image_size"]), int(meta["exmask.context"])
+        self.pad_id, self.modalities = int(meta["exmask.pad_id"]), meta["exmask.modalities"]
+        with open(os.path.join(folder, "labels.json")) as f:
+            self.labels = json.load(f)
+        self.tok = D.load_tokenizer(_tokenizer_path(folder))
+        self.providers = self.session.get_providers()
+
+    def truncated(self, captions: list[str]) -> list[int]:
+        """Indices of the captions that encode_texts will cut to the model's context."""
+        return [i for i, t in enumerate(captions) if len(self.tok.encode(t)) > self.context]
+
+    def inputs(self, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's inputs, prepared exactly as in training: images (B, 3, S, S) float, ids (B, L)
+        with L the longest caption in the batch (padding past it changes nothing but the cost)."""
+        if len(images) != len(captions):
+            raise SystemExit(f"error: {len(images)} images but {len(captions)} captions")
+        if "text" in self.modalities:
+            for i, t in enumerate(captions):
+                if not str(t).strip():
+                    raise SystemExit(f"error: empty caption (sample {i + 1}); this model reads the text")
+        imgs = torch.stack([D.load_image(x, self.image_size) if isinstance(x, (str, os.PathLike)) else x
+                            for x in images]).float()
+        ids = D.encode_texts(self.tok, [str(t) for t in captions], self.context)
+        L = int((ids != self.pad_id).sum(1).max().clamp(min=1))
+        return imgs, ids[:, :L]
+
+    def logits(self, images: list, captions: list[str]) -> np.ndarray:
+        imgs, ids = self.inputs(images, captions)
+        return self.session.run(["logits"], _feeds(self.session, imgs, ids))[0]
+
+    def predict(self, images: list, captions: list[str], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        p = softmax(self.logits(images, captions))
+        top = np.argsort(-p, 1)[:, :top_k]
+        return [[(self.labels[j], float(p[i, j])) for j in row] for i, row in enumerate(top)]
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def read_rows(path: str) -> list[dict]:
+    """A CSV (with header) or JSONL file with fields image and text (label optional), as in
+    data.read_manifest; image paths are relative to the file."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: manifest not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        raw = f.read()
+    try:
+        if path.endswith((".jsonl", ".json")):
+            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(io.StringIO(raw)))
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise SystemExit(f"error: cannot parse manifest {path}: {e}") from None
+    if not rows:
+        raise SystemExit(f"error: manifest is empty: {path}")
+    missing = {"image", "text"} - set(rows[0])
+    if missing:
+        raise SystemExit(f"error: manifest {path} lacks field(s) {sorted(missing)}")
+    root = os.path.dirname(os.path.abspath(path))
+    return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r["text"] or "")) for r in rows]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="a trained method folder, e.g. runs/default/exmask")
+    p.add_argument("--predict", nargs=2, metavar=("IMAGE", "CAPTION"), help="classify one image + caption")
+    p.add_argument("--manifest", help="classify many: CSV/JSONL with fields image,text (label optional)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--check", action="store_true", help="with --manifest: compare ORT with PyTorch on its rows")
+    p.add_argument("--cpu", action="store_true", help="use the CPU provider even when a GPU is present")
+    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT's default)")
+    a = p.parse_args(argv)
+    if a.top_k < 1:
+        raise SystemExit("error: --top-k must be at least 1")
+    if a.check and not a.manifest:
+        raise SystemExit("error: --check needs --manifest")
+    if a.predict and a.manifest:
+        raise SystemExit("error: give --predict or --manifest, not both")
+
+    serve = bool(a.predict or a.manifest)
+    onnx_path, pt_path = os.path.join(a.dir, ONNX_NAME), os.path.join(a.dir, "model.pt")
+    stale = not os.path.exists(onnx_path) or (os.path.exists(pt_path)
+                                              and os.path.getmtime(onnx_path) < os.path.getmtime(pt_path))
+    if not serve or stale:  # export on request, or when serving finds model.onnx missing or older than model.pt
+        export_run(a.dir, log=lambda m: print(m, file=sys.stderr if serve else sys.stdout))
+    if not serve:
+        return
+
+    pred = Predictor(a.dir, providers=["CPUExecutionProvider"] if a.cpu else None, threads=a.threads)
+    print(f"providers: {', '.join(pred.providers)}", file=sys.stderr)
+    if a.predict:
+        rows = [{"image": a.predict[0], "path": a.predict[0], "text": a.predict[1]}]
+    else:
+        rows = read_rows(a.manifest)
+    for i in pred.truncated([r["text"] for r in rows]):
+        print(f"note: caption {i + 1} is longer than the model's context ({pred.context} tokens); "
+              f"truncated, the end token kept", file=sys.stderr)
+    if a.check:
+        model, _ = load_model(a.dir)
+        imgs, ids = pred.inputs([r["path"] for r in rows], [r["text"] for r in rows])
+        r = compare(model, pred.session, imgs, ids)
+        print(f"ORT vs PyTorch on {r['n']} rows: max |logit diff| {r['max_abs_diff']:.2e}, "
+              f"top-1 agreement {100 * r['top1_agree']:.1f}%")
+        if not (r["max_abs_diff"] <= TOL and r["top1_agree"] == 1.0):
+            raise SystemExit(f"error: parity check failed (tolerance {TOL})")
+        return
+
+    correct = labelled = 0
+    for s in range(0, len(rows), a.batch_size):
+        chunk = rows[s:s + a.batch_size]
+        tops = pred.predict([r["path"] for r in chunk], [r["text"] for r in chunk], a.top_k)
+        for r, top in zip(chunk, tops):
+            if a.predict:
+                print("\n".join(f"{k + 1}. {name}  {prob:.4f}" for k, (name, prob) in enumerate(top)))
+            else:
+                print(f"{r['image']}\t" + "\t".join(f"{name} {prob:.4f}" for name, prob in top))
+            if r.get("label") not in (None, ""):
+                labelled += 1
+                correct += top[0][0] == str(r["label"])
+    if labelled:
+        print(f"top-1 accuracy on {labelled} labelled rows: {100 * correct / labelled:.2f}%", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
