@@ -1,0 +1,190 @@
+"""Benchmarks for exmask: one function per benchmark, each returning a JSON-able dict.
+
+    python bench.py                                  # every benchmark
+    python bench.py --only onnx_latency --threads 1  # one of them
+    python bench.py --run runs/default/exmask        # a trained run instead of the default model
+
+Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
+"results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
+
+Adding one: write `def name(o: Opts) -> dict`, put it in BENCHMARKS, add any new knob to Opts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import models as M
+
+EXPORTERS = ("dynamo", "torchscript")   # export.export_onnx(dynamo=True / False)
+
+
+@dataclass
+class Opts:
+    repeats: int = 50      # timed calls per measurement; the median is reported
+    warmup: int = 5
+    threads: int = 0       # 0 = torch's default (the physical cores); ORT gets the same number
+    run: str = ""          # a trained method folder (train.py's <out>/<method>); "" = the default model
+    batches: tuple = (1, 32)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    import onnxruntime as ort
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def timed(fns: dict, repeats: int, warmup: int, rounds: int = 5) -> dict[str, float]:
+    """Median milliseconds per call of each function. The functions take turns in `rounds` blocks,
+    so a drift in machine speed (a shared host) hits all of them alike; within a block one runtime
+    runs alone, so one runtime's spinning worker threads do not slow the other's calls."""
+    times = {k: [] for k in fns}
+    per = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(per):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def bench_model(o: Opts) -> tuple[M.TwoTower, str]:
+    """The model to measure and where it comes from: a trained run (SSF merged), or the default
+    ModelConfig with an untrained 100-class head (latency does not depend on the weights)."""
+    if o.run:
+        import export as E
+        model, _ = E.load_model(o.run)
+        return model, o.run
+    torch.manual_seed(0)
+    model = M.TwoTower(M.ModelConfig(), n_classes=100).eval()
+    return M.merge_ssf(model), "default ModelConfig, untrained 100-class head"
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+def onnx_export(o: Opts) -> dict:
+    """Export seconds (first call in this process, then a second) and model.onnx size, per exporter."""
+    import export as E
+    model, source = bench_model(o)
+    n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    res = {"model": source, "params_and_buffers": n, "fp32_weight_kb": 4 * n / 1024}
+    with tempfile.TemporaryDirectory() as d:
+        for name in EXPORTERS:
+            path = os.path.join(d, f"{name}.onnx")
+            secs = []
+            for _ in range(2):
+                t = time.perf_counter()
+                E.export_onnx(model, path, dynamo=name == "dynamo")
+                secs.append(time.perf_counter() - t)
+            res[name] = {"export_s_first": secs[0], "export_s_second": secs[1], "file_kb": os.path.getsize(path) / 1024}
+    return res
+
+
+def onnx_latency(o: Opts) -> dict:
+    """ONNX Runtime (CPU provider) vs PyTorch eager on CPU: the same model (SSF merged), the same
+    inputs, the same thread count; batch 1 and 32 at the full caption length. ORT runs the default
+    export (dynamo) at ORT_ENABLE_ALL; also shown: ORT_ENABLE_BASIC, the TorchScript exporter's
+    graph, and eager without merge_ssf (what the training code runs)."""
+    import export as E
+    model, source = bench_model(o)
+    threads = o.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    L = model.cfg.text.context
+    unmerged = M.TwoTower(model.cfg, model.n_classes).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name in EXPORTERS:
+            E.export_onnx(model, os.path.join(d, f"{name}.onnx"), dynamo=name == "dynamo")
+        sess = {f"ort_{name}_{lvl}": E.session(os.path.join(d, f"{name}.onnx"), providers=["CPUExecutionProvider"],
+                                               threads=threads, opt_level=lvl)
+                for name, lvl in (("dynamo", "all"), ("dynamo", "basic"), ("torchscript", "all"))}
+        for B in o.batches:
+            images, ids = E.example_inputs(model, B, L, seed=B)
+            feeds = {"images": images.numpy(), "ids": ids.numpy()}
+            fns = {"torch": lambda: model(images, ids), "torch_unmerged": lambda: unmerged(images, ids),
+                   **{k: (lambda s=s: s.run(["logits"], feeds)) for k, s in sess.items()}}
+            with torch.inference_mode():
+                ms = timed(fns, o.repeats, o.warmup)
+            row = {"batch": B, "length": L, **{f"{k}_ms": v for k, v in ms.items()}}
+            row["ratio_ort_over_torch"] = ms["ort_dynamo_all"] / ms["torch"]
+            row["ratio_ort_torchscript_over_torch"] = ms["ort_torchscript_all"] / ms["torch"]
+            row["max_abs_diff"] = E.compare(model, sess["ort_dynamo_all"], images, ids)["max_abs_diff"]
+            rows.append(row)
+    return {"model": source, "torch_threads": torch.get_num_threads(), "torch_interop_threads":
+            torch.get_num_interop_threads(), "ort_intra_op_threads": threads, "ort_inter_op_threads": 1,
+            "ort_providers": sess["ort_dynamo_all"].get_providers(), "repeats": o.repeats, "rows": rows}
+
+
+BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency}
+
+
+# ----------------------------------------------------------------------------- report
+
+def show(name: str, res: dict) -> None:
+    if name == "onnx_latency":
+        print(f"onnx_latency ({res['model']}; torch threads {res['torch_threads']}, "
+              f"ORT intra-op threads {res['ort_intra_op_threads']}, median ms of {res['repeats']})")
+        cols = ("torch", "ort_dynamo_all", "ratio_ort_over_torch", "ort_dynamo_basic", "ort_torchscript_all",
+                "ratio_ort_torchscript_over_torch", "torch_unmerged")
+        heads = ("torch", "ORT", "ORT/torch", "ORT basic", "ORT(TS)", "ORT(TS)/torch", "torch unmerged")
+        print(f"{'batch':>5} " + " ".join(f"{h:>{max(9, len(h))}}" for h in heads) + f" {'max|diff|':>9}")
+        for r in res["rows"]:
+            vals = [r.get(f"{c}_ms", r.get(c)) for c in cols]
+            print(f"{r['batch']:>5} " + " ".join(f"{v:>{max(9, len(h))}.{2 if 'ratio' in c else 3}f}"
+                                                 for v, h, c in zip(vals, heads, cols)) + f" {r['max_abs_diff']:>9.1e}")
+    elif name == "onnx_export":
+        print(f"onnx_export ({res['model']}; {res['fp32_weight_kb']:,.0f} KB of fp32 weights)")
+        for ex in EXPORTERS:
+            r = res[ex]
+            print(f"  {ex:>11}: {r['export_s_first']:.2f}s first call, {r['export_s_second']:.2f}s second, "
+                  f"{r['file_kb']:,.0f} KB")
+    else:
+        print(name, json.dumps(res, indent=1))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    o = Opts()
+    p.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only this one (repeatable)")
+    p.add_argument("--out", default=os.path.join("runs", "bench.json"))
+    p.add_argument("--repeats", type=int, default=o.repeats)
+    p.add_argument("--warmup", type=int, default=o.warmup)
+    p.add_argument("--threads", type=int, default=o.threads)
+    p.add_argument("--run", default=o.run, help="a trained method folder instead of the default model")
+    a = p.parse_args(argv)
+    opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run)
+    report = {"results": {}}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            report = json.load(f)
+    report["machine"] = machine()
+    for name in a.only or list(BENCHMARKS):
+        res = BENCHMARKS[name](opts)
+        report["results"][name] = res
+        show(name, res)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(a.out + ".tmp", a.out)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
