@@ -8,6 +8,11 @@ Results are printed and merged into the JSON file `--out` (default runs/bench.js
 "results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
 
 Adding one: write `def name(o: Opts) -> dict`, put it in BENCHMARKS, add any new knob to Opts.
+
+Threads: torch.set_num_threads and ORT's intra-op threads are set to the same number (--threads;
+0 = torch's default). On a VM whose vCPUs share fewer physical cores (the 2-vCPU sandbox this was
+written on delivers about one core), PyTorch's OpenMP with 2 threads is ~200x slower than with 1;
+compare with --threads 1 there.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -131,16 +132,17 @@ def export_onnx(model: M.TwoTower, path: str, dynamo: bool = True) -> None:
             os.remove(tmp)
 
 
-def compare(model: M.TwoTower, session, images: torch.Tensor, ids: torch.Tensor) -> dict:
+def compare(model: M.TwoTower, session: "ort.InferenceSession", images: torch.Tensor, ids: torch.Tensor) -> dict:
     """ORT vs PyTorch (fp32, CPU) on the same inputs: max |logit difference| and top-1 agreement."""
     with torch.inference_mode():
         ref = model(images.float(), ids).numpy()
     out = session.run(["logits"], _feeds(session, images, ids))[0]
-    return {"max_abs_diff": float(np.abs(out - ref).max()), "top1_agree": float((out.argmax(1) == ref.argmax(1)).mean()),
-            "n": len(ids)}
+    return {"max_abs_diff": float(np.abs(out - ref).max()),
+            "top1_agree": float((out.argmax(1) == ref.argmax(1)).mean()), "n": len(ids)}
 
 
-def export_run(folder: str, verify: bool = True, dynamo: bool = True, log=None) -> str:
+def export_run(folder: str, verify: bool = True, dynamo: bool = True,
+               log: Callable[[str], None] | None = None) -> str:
     """Export a trained run folder to folder/model.onnx (labels.json refreshed beside it) and return
     the path. With verify, ONNX Runtime must match PyTorch within TOL at a batch size and caption
     length other than the traced ones before the file takes the name model.onnx; otherwise this
@@ -191,7 +193,8 @@ def gpu_present() -> bool:
     return torch.cuda.is_available()
 
 
-def session(path: str, providers: list[str] | None = None, threads: int = 0, opt_level: str = "all"):
+def session(path: str, providers: list[str] | None = None, threads: int = 0,
+            opt_level: str = "all") -> "ort.InferenceSession":
     """An ORT session: the CUDA provider when a GPU is present, else the CPU provider. Log severity
     is 'error' so a CPU-only machine prints no warnings about CUDA; the providers actually in use
     are `session.get_providers()`."""
@@ -335,7 +338,8 @@ def main(argv=None) -> None:
     stale = not os.path.exists(onnx_path) or (os.path.exists(pt_path)
                                               and os.path.getmtime(onnx_path) < os.path.getmtime(pt_path))
     if not serve or stale:  # export on request, or when serving finds model.onnx missing or older than model.pt
-        export_run(a.dir, dynamo=a.exporter == "dynamo", log=lambda m: print(m, file=sys.stderr if serve else sys.stdout))
+        export_run(a.dir, dynamo=a.exporter == "dynamo",
+                   log=lambda m: print(m, file=sys.stderr if serve else sys.stdout))
     if not serve:
         return
 

@@ -250,7 +250,8 @@ def test_failed_parity_keeps_the_last_good_export(run, tmp_path, monkeypatch):
         (folder / f).write_bytes(open(os.path.join(run["dir"], f), "rb").read())
     monkeypatch.setattr(E, "session", lambda *a, **kw: None)
     monkeypatch.setattr(E, "compare", lambda *a: {"max_abs_diff": 1.0, "top1_agree": 0.5, "n": 3})
-    monkeypatch.setattr(E, "export_onnx", lambda model, path, dynamo: open(path, "wb").close())  # the real one is tested above
+    # the real exporter is tested above; here only what happens after a bad parity check
+    monkeypatch.setattr(E, "export_onnx", lambda model, path, dynamo: open(path, "wb").close())
     (folder / "model.onnx").write_bytes(b"the last good export")
     with pytest.raises(SystemExit, match="^error: ONNX Runtime disagrees"):
         E.export_run(str(folder))
