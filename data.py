@@ -47,8 +47,8 @@ class SynthConfig:
     train_per_class: int = 40
     test_per_class: int = 20
     image_size: int = 32
-    object_size: tuple = (7, 12)  # sprite side range in pixels: 5-14 % of a 32 px image
-    pixel_noise: float = 40.0     # std of per-pixel noise, in 0..255 units
+    object_size: tuple = (10, 16) # sprite side range in pixels: 10-25 % of a 32 px image
+    pixel_noise: float = 20.0     # std of per-pixel noise, in 0..255 units
     color_jitter: float = 40.0    # std of the per-sample shift of the object's colour
     name_prob: float = 0.35       # captions that name the class; the rest say only the superclass
     bg_prob: float = 0.6          # samples shown on the class's preferred background
@@ -123,6 +123,7 @@ def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
     imgs = bgs[bg].copy()                                            # (n, S, S, 3)
     lo, hi = cfg.object_size
     masks = {o: _shape_masks(o) for o in range(lo, hi + 1)}
+    boxes = np.zeros((n, 3), np.int64)                               # object top, left, side
     for i in range(n):
         shape, color, pattern = triples[labels[i]]
         o = int(rng.integers(lo, hi + 1))
@@ -133,6 +134,7 @@ def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
         sprite = np.where(dark[..., None], col * 0.35, col)          # (o, o, 3)
         m = masks[o][shape]
         imgs[i, y:y + o, x:x + o][m] = sprite[m]
+        boxes[i] = (y, x, o)
     imgs += rng.normal(0, cfg.pixel_noise, imgs.shape).astype(np.float32)
     images = torch.from_numpy(np.clip(imgs, 0, 255).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
 
@@ -145,7 +147,7 @@ def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
         words = TEMPLATES[rng.integers(len(TEMPLATES))].split()
         texts.append(" ".join(fill[w]() if w in fill else w for w in words))
     return {"images": images, "texts": texts, "labels": torch.from_numpy(labels).long(),
-            "is_test": torch.from_numpy(is_test), "class_names": names}
+            "is_test": torch.from_numpy(is_test), "class_names": names, "boxes": torch.from_numpy(boxes)}
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -293,8 +295,18 @@ class WordPieceTokenizer:
 
 
 def load_tokenizer(path: str):
-    """A saved tokenizer: `tokenizer.model` (SentencePiece) or `vocab.txt` (WordPiece)."""
+    """A saved tokenizer: a SentencePiece `.model` file, a WordPiece `vocab.txt`, or a folder
+    holding `tokenizer.model` or `vocab.txt`."""
+    if os.path.isdir(path):
+        for name in ("tokenizer.model", "vocab.txt"):
+            if os.path.exists(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise SystemExit(f"error: no tokenizer (tokenizer.model or vocab.txt) in {path}")
     return WordPieceTokenizer(path) if path.endswith(".txt") else SPTokenizer.load(path)
+
+
+def tokenizer_filename(tok) -> str:
+    return "vocab.txt" if isinstance(tok, WordPieceTokenizer) else "tokenizer.model"
 
 
 def encode_texts(tok, texts: list[str], context: int) -> torch.Tensor:

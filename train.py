@@ -55,21 +55,23 @@ class PretrainConfig:
     batch_size: int = 128
     lr: float = 2e-3
     vocab_size: int = 700
+    patch_drop: float = 0.5      # share of patches dropped at random in each pretraining step
 
 
 @dataclass
 class Config:
     data: str = ""                          # manifest (CSV/JSONL); "" = the embedded default
-    methods: str = "replay"                 # comma-separated, see METHODS
+    methods: str = "exmask"                 # comma-separated, see METHODS
     phases: int = 10
     first_phase: int = 0                    # classes in the first phase; 0 = an even split
     memory_per_class: float = 5.0           # budget in full exemplars' bytes per seen class
     memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
-    keep_image: float = 0.25                # share of image patches a masked exemplar keeps
-    keep_text: float = 0.5                  # share of caption tokens kept (special tokens always)
+    keep_image: float = 0.3                 # share of image patches a masked exemplar keeps
+    keep_text: float = 0.8                  # share of caption tokens kept (special tokens always)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
-    recombine: float = 0.5                  # share of replayed exemplars given a same-class partner's text
-    token_mixup: float = 0.5                # share of replayed exemplars token-mixed with another exemplar
+    recombine: float = 0.0                  # share of replayed exemplars given a same-class partner's text
+    token_mixup: float = 0.0                # share of replayed exemplars token-mixed with another exemplar
+    mask_new: float = 0.5                   # share of new samples also shown masked (exmask family)
     seed: int = 0
     epochs: int = 3
     batch_size: int = 32
@@ -82,6 +84,9 @@ class Config:
     synth: D.SynthConfig = field(default_factory=D.SynthConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cache_dir: str = ""                     # "" = $EXMASK_CACHE or ~/.cache/exmask
+    vit: str = ""                           # a timm ViT name: its pretrained weights replace the default image tower
+    vit_file: str = ""                      # local weights for --vit (else timm fetches them)
+    text_model: str = ""                    # a BERT-family folder (config.json, model.safetensors, vocab.txt)
     quiet: bool = False
 
     def __post_init__(self):
@@ -146,7 +151,12 @@ def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tup
         for _ in range(pcfg.epochs):
             for b in torch.randperm(n).split(B)[: n // B]:
                 x, t, y = patches[b].to(device), ids[b].to(device), labels[b].to(device)
-                ei, et = model.image(x, idx_all), model.text(t)
+                pidx = idx_all
+                if pcfg.patch_drop > 0:   # PatchDropout/FLIP-style: the towers learn to work from a subset of patches
+                    keep = exmask.keep_count(pidx.shape[1], 1 - pcfg.patch_drop)
+                    pidx = torch.rand(pidx.shape, device=device).argsort(1)[:, :keep]
+                    x = M.gather_tokens(x, pidx)
+                ei, et = model.image(x, pidx), model.text(t)
                 loss = (clip_loss(ei, et, scale) + F.cross_entropy(heads[0](ei), y)
                         + F.cross_entropy(heads[1](et), y))
                 opt.zero_grad(set_to_none=True)
@@ -163,7 +173,7 @@ def default_backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict
     cache = cfg.cache_dir or os.environ.get("EXMASK_CACHE") or os.path.expanduser("~/.cache/exmask")
     key = fingerprint({"vit": asdict(cfg.model.vit), "text": {k: v for k, v in asdict(cfg.model.text).items()
                                                               if k != "vocab_size"},
-                       "pretrain": asdict(cfg.pretrain), "synth": "v2"})
+                       "pretrain": asdict(cfg.pretrain), "synth": "v5"})
     path = os.path.join(cache, f"backbone-{key}.pt")
     if os.path.exists(path):
         ck = torch.load(path, weights_only=True)
@@ -183,11 +193,58 @@ def default_backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict
     return mcfg, ck["state"], tok
 
 
+def timm_tower(name: str, file: str = "") -> tuple[M.ViTConfig, dict]:
+    """A pretrained timm ViT -> (ViTConfig, our image-tower state). Weights from `file` when given."""
+    import timm
+    kw = {"pretrained_cfg_overlay": {"file": file}} if file else {}
+    try:
+        ref = timm.create_model(name, pretrained=True, num_classes=0, **kw)
+    except Exception as e:  # no network, unknown name, bad file: say which
+        raise SystemExit(f"error: cannot load timm model {name!r}: {str(e).splitlines()[0]}") from None
+    vcfg = M.vit_config_from_timm(ref)
+    tower = M.ViT(vcfg)
+    M.load_timm_vit(tower, ref.state_dict())
+    return vcfg, tower.state_dict()
+
+
+def bert_tower(path: str, context: int) -> tuple[M.TextConfig, dict, D.WordPieceTokenizer]:
+    """A BERT-family checkpoint folder -> (TextConfig, our text-tower state, WordPiece tokenizer)."""
+    for f in ("config.json", "model.safetensors", "vocab.txt"):
+        if not os.path.exists(os.path.join(path, f)):
+            raise SystemExit(f"error: {path} has no {f} (a BERT-family checkpoint folder is expected)")
+    tcfg, state = M.load_bert(path)
+    context = min(context, tcfg.context)          # captions are short: keep the first positions only
+    state["pos_embed"] = state["pos_embed"][:, :context]
+    return replace(tcfg, context=context), state, D.WordPieceTokenizer(os.path.join(path, "vocab.txt"))
+
+
+def backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict, object]:
+    """The frozen towers: the default pretrained tiny ones, with either tower replaced by real
+    pretrained weights when --vit / --text-model are given."""
+    if cfg.vit and cfg.text_model:
+        mcfg, state, tok = cfg.model, {}, None
+    else:
+        mcfg, state, tok = default_backbone(cfg, device, con)
+    if cfg.vit:
+        vcfg, vstate = timm_tower(cfg.vit, cfg.vit_file)
+        mcfg = replace(mcfg, vit=vcfg)
+        state = {k: v for k, v in state.items() if not k.startswith("image.")} | {f"image.{k}": v for k, v in vstate.items()}
+        con.print(f"image tower: timm {cfg.vit} ({vcfg.depth} blocks, dim {vcfg.dim}, {vcfg.image_size}px)")
+    if cfg.text_model:
+        tcfg, tstate, tok = bert_tower(cfg.text_model, 64)
+        mcfg = replace(mcfg, text=tcfg)
+        state = {k: v for k, v in state.items() if not k.startswith("text.")} | {f"text.{k}": v for k, v in tstate.items()}
+        con.print(f"text tower: {cfg.text_model} ({tcfg.depth} blocks, dim {tcfg.dim})")
+    return mcfg, state, tok
+
+
 # ----------------------------------------------------------------------------- data
 
-def read_data(cfg: Config) -> dict:
+def read_data(cfg: Config, image_size: int) -> dict:
     if cfg.data:
-        return D.read_manifest(cfg.data, cfg.model.vit.image_size, seed=cfg.seed)
+        return D.read_manifest(cfg.data, image_size, seed=cfg.seed)
+    if image_size != cfg.synth.image_size:
+        raise SystemExit(f"error: the embedded data is {cfg.synth.image_size}px; a {image_size}px tower needs --data")
     return D.make_synth(cfg.synth)
 
 
@@ -242,53 +299,72 @@ def autocast(device: str):
 # ----------------------------------------------------------------------------- memory
 
 @torch.no_grad()
+def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, method: str, cfg: Config,
+              gen: torch.Generator) -> dict:
+    """What a masked exemplar keeps, for a batch of full samples (method from MASKING):
+    feats (n, F), keep_idx (n, K) kept patch indices or None, keep (n, L) kept tokens or None,
+    attn (n, N) the image attention row or None."""
+    model.eval()
+    dev, pad = cfg.device, model.cfg.text.pad_id
+    img_mode, txt_mode, context, _ = MASKING.get(method, (None, None, False, False))
+    img_mode = img_mode if model.use_image else None
+    txt_mode = txt_mode if model.use_text else None
+    x = patches.to(dev)
+    n, N = x.shape[:2]
+    pidx = torch.arange(N, device=dev).expand(n, -1)
+    with autocast(dev):
+        f, (ia, ta) = model.features(x, pidx, ids.to(dev), aux=True)
+    keep_idx = keep = None
+    dropped = torch.zeros(n, N, dtype=torch.bool)
+    if img_mode:
+        score = ia[0].float().cpu() if img_mode == "attn" else exmask.random_scores((n, N), gen)
+        keep_idx = exmask.keep_top(score, exmask.keep_count(N, cfg.keep_image))          # (n, K)
+        dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, keep_idx, False)
+    if txt_mode:
+        _, content = exmask.special_tokens(ids, pad)
+        if txt_mode == "random":
+            tscore = exmask.random_scores(ids.shape, gen)
+        else:
+            ctx = None
+            if context and img_mode and ia[1].shape[-1] == ta[1].shape[-1]:   # needs a shared space
+                ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
+            tscore = exmask.text_scores(ta[0].float().cpu(), content, ctx, cfg.context_weight)
+        keep = exmask.keep_text(tscore, ids, pad, cfg.keep_text)                          # (n, L)
+    return {"feats": f.float().cpu(), "keep_idx": keep_idx, "keep": keep,
+            "attn": ia[0].float().cpu() if ia is not None else None}
+
+
 def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg: Config,
                gen: torch.Generator) -> tuple[dict, list]:
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
     and its ablations. Also returns, for the picture, the first exemplar of up to 4 classes."""
-    model.eval()
     out, shown = {}, []
-    V, pad, dev = model.cfg.text.vocab_size, model.cfg.text.pad_id, cfg.device
-    img_mode, txt_mode, context, _ = MASKING.get(method, (None, None, False, False))
-    img_mode = img_mode if model.use_image else None
-    txt_mode = txt_mode if model.use_text else None
+    V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
     for c in classes:
         idx = (~data["is_test"] & (data["labels"] == c)).nonzero().flatten()
         patches, ids = data["patches"][idx], data["ids"][idx]
         if method == "joint":
             out[c] = [exmask.encode(patches[i], ids[i], c, V, pad) for i in range(len(idx))]
             continue
-        x = patches.to(dev)
-        pidx = torch.arange(x.shape[1], device=dev).expand(len(idx), -1)
-        with autocast(dev):
-            f, (ia, ta) = model.features(x, pidx, ids.to(dev), aux=True)
-        order = herding(f.float().cpu(), len(idx))
-        n, N = len(idx), x.shape[1]
-        keep_idx = keep = None
-        dropped = torch.zeros(n, N, dtype=torch.bool)
-        if img_mode:
-            score = ia[0].float().cpu() if img_mode == "attn" else exmask.random_scores((n, N), gen)
-            keep_idx = exmask.keep_top(score, exmask.keep_count(N, cfg.keep_image))      # (n, K)
-            dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, keep_idx, False)
-        if txt_mode:
-            _, content = exmask.special_tokens(ids, pad)
-            if txt_mode == "random":
-                tscore = exmask.random_scores(ids.shape, gen)
-            else:
-                ctx = None
-                if context and img_mode and ia is not None:
-                    ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
-                tscore = exmask.text_scores(ta[0].float().cpu(), content, ctx, cfg.context_weight)
-            keep = exmask.keep_text(tscore, ids, pad, cfg.keep_text)                      # (n, L)
-        out[c] = [exmask.encode(patches[i], ids[i], c, V, pad,
-                                None if keep_idx is None else keep_idx[i], None if keep is None else keep[i])
-                  for i in order]
-        if len(shown) < 4 and (img_mode or txt_mode):
+        m = mask_sets(model, patches, ids, method, cfg, gen)
+        ki, kt = m["keep_idx"], m["keep"]
+        order = herding(m["feats"], len(idx))
+        out[c] = [exmask.encode(patches[i], ids[i], c, V, pad, None if ki is None else ki[i],
+                                None if kt is None else kt[i]) for i in order]
+        if len(shown) < 4 and method in MASKING:
             i = order[0]
-            shown.append({"patches": patches[i], "attn": ia[0][i].float().cpu() if ia is not None else None,
-                          "kept": None if keep_idx is None else keep_idx[i], "ids": ids[i],
-                          "keep": None if keep is None else keep[i], "label": c})
+            shown.append({"patches": patches[i], "attn": None if m["attn"] is None else m["attn"][i],
+                          "kept": None if ki is None else ki[i], "ids": ids[i],
+                          "keep": None if kt is None else kt[i], "label": c})
     return out, shown
+
+
+def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: list[int], V: int, pad: int, device: str) -> dict:
+    """New-phase samples `rows` encoded as masked exemplars (mask sets m, at positions sel), batched."""
+    ki, kt = m["keep_idx"], m["keep"]
+    items = [exmask.encode(data["patches"][r], data["ids"][r], int(data["labels"][r]), V, pad,
+                           None if ki is None else ki[s], None if kt is None else kt[s]) for r, s in zip(rows.tolist(), sel)]
+    return exmask.collate(items, pad, device)
 
 
 def replay_batch(memory: Memory, B: int, cfg: Config, method: str, pad: int, rng: random.Random,
@@ -336,7 +412,7 @@ def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> N
     save_checkpoint(os.path.join(folder, "model.pt"),
                     {"model_config": asdict(model.cfg), "state": {k: v.cpu() for k, v in model.state_dict().items()},
                      "class_names": class_names})
-    tok.save(os.path.join(folder, "tokenizer.model"))
+    tok.save(os.path.join(folder, D.tokenizer_filename(tok)))
     with open(os.path.join(folder, "labels.json"), "w") as f:
         json.dump(class_names, f)
 
@@ -422,6 +498,12 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     pad = model.cfg.text.pad_id
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    masked_new = None
+    if method in MASKING and memory is not None and cfg.mask_new > 0:
+        # old classes are replayed masked; show the new ones masked too (a share of the time), so
+        # that "masked" never stands for "old class" and both feature distributions meet
+        masked_new = mask_sets(model, data["patches"][idx], data["ids"][idx], method, cfg, gen)
+        where = {int(i): k for k, i in enumerate(idx)}
     model.train()
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
@@ -433,6 +515,12 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                     logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
                     y = data["labels"][b].to(device)
                     loss = F.cross_entropy(logits.float(), y)
+                    if masked_new is not None:
+                        sel = [where[int(i)] for i in b if torch.rand(1, generator=gen) < cfg.mask_new]
+                        if sel:
+                            nb = masked_batch(data, idx[sel], masked_new, sel, model.cfg.text.vocab_size, pad, device)
+                            lm = model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"])
+                            loss = (loss * len(b) + F.cross_entropy(lm.float(), nb["labels"]) * len(sel)) / (len(b) + len(sel))
                     if memory is not None and len(memory):
                         r = replay_batch(memory, B, cfg, method, pad, rng, gen)
                         lr_ = model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"])
@@ -455,14 +543,18 @@ def train(cfg: Config = Config()) -> list[dict]:
     name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
     cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
     os.makedirs(cfg.out, exist_ok=True)
-    raw = read_data(cfg)                      # first, so bad input fails before any long work
-    mcfg, backbone, tok = default_backbone(cfg, cfg.device, con)
-    data = prepare(raw, cfg, mcfg, tok)
+    if cfg.data and not os.path.exists(cfg.data):   # fail before any long work
+        raise SystemExit(f"error: manifest not found: {cfg.data}")
+    mcfg, state, tok = backbone(cfg, cfg.device, con)
+    data = prepare(read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
     results = []
     for method in cfg.method_list:
-        res, model = run_method(cfg, method, data, mcfg, backbone, tok, con)
+        res, model = run_method(cfg, method, data, mcfg, state, tok, con)
         results.append(res)
         save_model(os.path.join(cfg.out, method), model, data["class_names"], tok)
+        if cfg.export:
+            import export  # lazily: training alone never loads onnx
+            export.export_run(os.path.join(cfg.out, method), log=con.print)
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
             json.dump(results if len(results) > 1 else results[0], f, indent=1)
     show(results, con)
@@ -588,11 +680,21 @@ def main(argv=None) -> None:
     p.add_argument("--adapter", default=c.model.adapter, choices=["ssf", "prompt", "none"])
     p.add_argument("--modalities", default=c.model.modalities, choices=["image,text", "image", "text"])
     p.add_argument("--no-export", action="store_true", help="do not write model.onnx at the end")
+    p.add_argument("--vit", default=c.vit, help="timm ViT name whose pretrained weights replace the default image tower")
+    p.add_argument("--vit-file", default=c.vit_file, help="local weights file for --vit")
+    p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
+    p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches an exmask exemplar keeps")
+    p.add_argument("--keep-text", type=float, default=c.keep_text, help="share of caption tokens kept")
+    p.add_argument("--recombine", type=float, default=c.recombine, help="share of replayed exemplars recombined (same-class text swap)")
+    p.add_argument("--token-mixup", type=float, default=c.token_mixup, help="share of replayed exemplars token-mixed")
+    p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
     a = p.parse_args(argv)
     cfg = Config(data=a.data, methods=a.methods, phases=a.phases, first_phase=a.first_phase,
                  memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, epochs=a.epochs,
                  batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
-                 export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities))
+                 export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
+                 vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
+                 recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new)
     train(cfg)
 
 
