@@ -73,6 +73,7 @@ class Config:
     token_mixup: float = 0.0                # share of replayed exemplars token-mixed with another exemplar
     mask_new: float = 0.5                   # share of new samples also shown masked (exmask family)
     seed: int = 0
+    seeds: str = ""                         # e.g. "0,1,2": every method once per seed, reported as mean ± std
     epochs: int = 3
     batch_size: int = 32
     lr: float = 0.01
@@ -103,7 +104,9 @@ class Config:
 
 def console(cfg: Config):
     from rich.console import Console
-    return Console(quiet=cfg.quiet, highlight=False, markup=False)
+    import sys
+    # a log file or notebook gets a wide table instead of rich's 80-column default
+    return Console(quiet=cfg.quiet, highlight=False, markup=False, width=None if sys.stdout.isatty() else 150)
 
 
 def progress(con):
@@ -395,8 +398,8 @@ def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- one method
 
-def checkpoint_path(out: str, method: str) -> str:
-    return os.path.join(out, method, "checkpoint.pt")
+def checkpoint_path(out: str) -> str:
+    return os.path.join(out, "checkpoint.pt")
 
 
 def save_checkpoint(path: str, ck: dict) -> None:
@@ -432,7 +435,7 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
               Memory(total_bytes=cfg.memory_bytes) if cfg.memory_bytes else
               Memory(per_class_bytes=int(cfg.memory_per_class * unit)))
     R, counts, secs, mem_stats, start = [], [], [], [], 0
-    ck_path = checkpoint_path(cfg.out, method)
+    ck_path = checkpoint_path(cfg.out)   # cfg.out: this method's own folder
     if cfg.resume and os.path.exists(ck_path):
         ck = torch.load(ck_path, weights_only=True)
         model.grow(ck["n_classes"])
@@ -460,7 +463,7 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
             cands, shown = candidates(model, data, phase_cls[t], method, cfg, gen)
             memory.add(cands)
             if t == 0 and shown:
-                draw_masked(os.path.join(cfg.out, method, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
+                draw_masked(os.path.join(cfg.out, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
                             tok, data["class_names"])
         row, cnt = evaluate(model, data, phase_cls, t, device)
         R.append(row)
@@ -546,33 +549,60 @@ def train(cfg: Config = Config()) -> list[dict]:
     if cfg.data and not os.path.exists(cfg.data):   # fail before any long work
         raise SystemExit(f"error: manifest not found: {cfg.data}")
     mcfg, state, tok = backbone(cfg, cfg.device, con)
-    data = prepare(read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    raw = read_data(cfg, mcfg.vit.image_size)
     results = []
-    for method in cfg.method_list:
-        res, model = run_method(cfg, method, data, mcfg, state, tok, con)
-        results.append(res)
-        save_model(os.path.join(cfg.out, method), model, data["class_names"], tok)
-        if cfg.export:
-            import export  # lazily: training alone never loads onnx
-            export.export_run(os.path.join(cfg.out, method), log=con.print)
-        with open(os.path.join(cfg.out, "results.json"), "w") as f:
-            json.dump(results if len(results) > 1 else results[0], f, indent=1)
+    seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+    for seed in seeds:
+        scfg = replace(cfg, seed=seed)
+        data = prepare(raw, scfg, mcfg, tok)     # the class order follows the seed
+        for method in cfg.method_list:
+            name = method if len(seeds) == 1 else f"{method}-seed{seed}"
+            res, model = run_method(replace(scfg, out=os.path.join(cfg.out, name)), method, data, mcfg, state, tok, con)
+            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "context_weight", "recombine",
+                                                             "token_mixup", "mask_new", "epochs", "memory_per_class",
+                                                             "memory_bytes")}
+            results.append(res)
+            save_model(os.path.join(cfg.out, name), model, data["class_names"], tok)
+            if cfg.export:
+                import export  # lazily: training alone never loads onnx
+                export.export_run(os.path.join(cfg.out, name), log=con.print)
+            with open(os.path.join(cfg.out, "results.json"), "w") as f:
+                json.dump(results if len(results) > 1 else results[0], f, indent=1)
     show(results, con)
     draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     return results
 
 
+def summarize(results: list[dict]) -> list[dict]:
+    """Runs grouped by method (in order): mean and std of each headline figure over seeds."""
+    keys = ("avg_incremental_accuracy", "last_accuracy", "avg_forgetting", "bwt")
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rs in groups.items():
+        row = {"method": method, "runs": len(rs), "exemplars_per_class": sum(r["memory"]["exemplars_per_class"] for r in rs) / len(rs),
+               "bytes_used": max(r["memory"]["bytes_used"] for r in rs), "trainable_params": rs[0]["trainable_params"],
+               "seconds": sum(sum(r["phase_seconds"]) for r in rs) / len(rs)}
+        for k in keys:
+            v = torch.tensor([r[k] for r in rs], dtype=torch.float64)
+            row[k] = v.mean().item()
+            row[k + "_std"] = v.std().item() if len(rs) > 1 else 0.0
+        out.append(row)
+    return out
+
+
 def show(results: list[dict], con) -> None:
     from rich.table import Table
-    tab = Table(title="exmask results (accuracy in %)")
-    for col in ("method", "avg inc. acc", "last acc", "forgetting", "BWT", "exemplars/class", "bytes used",
-                "trainable", "seconds"):
+    rows = summarize(results)
+    pm = (lambda r, k: f"{r[k]:.2f} ± {r[k + '_std']:.2f}") if any(r["runs"] > 1 for r in rows) else (lambda r, k: f"{r[k]:.2f}")
+    tab = Table(title="exmask results (accuracy in %" + (", mean ± std over seeds)" if any(r["runs"] > 1 for r in rows) else ")"))
+    for col in ("method", "avg inc. acc", "last acc", "forgetting", "BWT", "exemplars/class", "bytes used", "trainable", "s/run"):
         tab.add_column(col, justify="right")
-    for r in results:
-        m = r["memory"]
-        tab.add_row(r["method"], f"{r['avg_incremental_accuracy']:.2f}", f"{r['last_accuracy']:.2f}",
-                    f"{r['avg_forgetting']:.2f}", f"{r['bwt']:.2f}", f"{m['exemplars_per_class']:.1f}",
-                    f"{m['bytes_used']:,}", f"{r['trainable_params']:,}", f"{sum(r['phase_seconds']):.0f}")
+    for r in rows:
+        tab.add_row(r["method"], pm(r, "avg_incremental_accuracy"), pm(r, "last_accuracy"), pm(r, "avg_forgetting"),
+                    pm(r, "bwt"), f"{r['exemplars_per_class']:.1f}", f"{r['bytes_used']:,}", f"{r['trainable_params']:,}",
+                    f"{r['seconds']:.0f}")
     con.print(tab)
 
 
@@ -671,6 +701,7 @@ def main(argv=None) -> None:
     p.add_argument("--memory-per-class", type=float, default=c.memory_per_class, help="budget, full exemplars' bytes per class")
     p.add_argument("--memory-bytes", type=int, default=c.memory_bytes, help="fixed total budget in bytes")
     p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--seeds", default=c.seeds, help="comma-separated seeds: each method once per seed, mean ± std")
     p.add_argument("--epochs", type=int, default=c.epochs)
     p.add_argument("--batch-size", type=int, default=c.batch_size)
     p.add_argument("--lr", type=float, default=c.lr)
@@ -690,7 +721,7 @@ def main(argv=None) -> None:
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
     a = p.parse_args(argv)
     cfg = Config(data=a.data, methods=a.methods, phases=a.phases, first_phase=a.first_phase,
-                 memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, epochs=a.epochs,
+                 memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, seeds=a.seeds, epochs=a.epochs,
                  batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                  export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                  vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
