@@ -176,10 +176,10 @@ def test_overfit_one_batch():
     assert (m(images, ids).argmax(1) == y).all()
 
 
-def test_safetensors_and_bert_layout_load(tmp_path):
-    """A BERT-layout checkpoint written in the safetensors format loads into the post-norm tower."""
-    D_, L_, V = 16, 2, 30
-    sd = {"embeddings.word_embeddings.weight": torch.randn(V, D_), "embeddings.position_embeddings.weight": torch.randn(10, D_),
+def write_tiny_bert(path, V=40, D_=16, L_=2) -> dict:
+    """A random BERT-layout checkpoint folder: config.json, model.safetensors (written by hand), vocab.txt."""
+    torch.manual_seed(0)
+    sd = {"embeddings.word_embeddings.weight": torch.randn(V, D_), "embeddings.position_embeddings.weight": torch.randn(40, D_),
           "embeddings.token_type_embeddings.weight": torch.randn(2, D_),
           "embeddings.LayerNorm.weight": torch.rand(D_), "embeddings.LayerNorm.bias": torch.randn(D_)}
     for i in range(L_):
@@ -187,7 +187,7 @@ def test_safetensors_and_bert_layout_load(tmp_path):
         for n, shape in (("attention.self.query", (D_, D_)), ("attention.self.key", (D_, D_)),
                          ("attention.self.value", (D_, D_)), ("attention.output.dense", (D_, D_)),
                          ("intermediate.dense", (4 * D_, D_)), ("output.dense", (D_, 4 * D_))):
-            sd[p + n + ".weight"], sd[p + n + ".bias"] = torch.randn(shape), torch.randn(shape[0])
+            sd[p + n + ".weight"], sd[p + n + ".bias"] = torch.randn(shape) * 0.2, torch.randn(shape[0]) * 0.1
         for n in ("attention.output.LayerNorm", "output.LayerNorm"):
             sd[p + n + ".weight"], sd[p + n + ".bias"] = torch.rand(D_), torch.randn(D_)
     header, blob, off = {}, b"", 0
@@ -196,17 +196,38 @@ def test_safetensors_and_bert_layout_load(tmp_path):
         header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
         blob, off = blob + b, off + len(b)
     h = json.dumps(header).encode()
-    (tmp_path / "model.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + blob)
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": V, "max_position_embeddings": 10, "hidden_size": D_,
-                                                      "num_hidden_layers": L_, "num_attention_heads": 2,
-                                                      "intermediate_size": 4 * D_}))
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + blob)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"vocab_size": V, "max_position_embeddings": 40, "hidden_size": D_, "num_hidden_layers": L_,
+                   "num_attention_heads": 2, "intermediate_size": 4 * D_}, f)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "the", "on", "of", "in", "grass", "sand", "sky", "photo"]
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write("\n".join(words + [f"w{i}" for i in range(V - len(words))]))
+    return sd
+
+
+def test_safetensors_and_bert_layout_load(tmp_path):
+    """A BERT-layout checkpoint written in the safetensors format loads into the post-norm tower."""
+    sd = write_tiny_bert(str(tmp_path))
     cfg, state = M.load_bert(str(tmp_path))
+    assert not cfg.pre_norm and cfg.dim == 16 and cfg.depth == 2
     tower = M.TextTransformer(cfg)
     tower.load_state_dict(state)
-    torch.testing.assert_close(tower.blocks[1].attn.qkv.weight[D_:2 * D_], sd["encoder.layer.1.attention.self.key.weight"])
-    ids = torch.tensor([[1, 5, 7, 2, 0, 0]])
-    # post-norm by hand for layer 0 of the first token's path is long; check determinism and padding instead
-    torch.testing.assert_close(tower(ids), tower(ids[:, :4]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tower.blocks[1].attn.qkv.weight[16:32], sd["encoder.layer.1.attention.self.key.weight"])
+    ids = torch.tensor([[2, 5, 7, 3, 0, 0]])
+    torch.testing.assert_close(tower(ids), tower(ids[:, :4]), atol=1e-5, rtol=1e-5)   # padding is masked out
+
+
+def test_train_with_a_bert_text_tower(tmp_path):
+    from train import train
+    write_tiny_bert(str(tmp_path / "bert"))
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", text_model=str(tmp_path / "bert"))
+    r = train(cfg)[0]
+    assert r["memory"]["exemplars"] > 0 and len(r["accuracy_matrix"]) == 2
+    assert os.path.exists(os.path.join(cfg.out, "exmask", "vocab.txt"))
+    assert isinstance(D.load_tokenizer(os.path.join(cfg.out, "exmask")), D.WordPieceTokenizer)
 
 
 # ----------------------------------------------------------------------------- data
@@ -400,3 +421,147 @@ def test_bad_method_and_cli_parse(tmp_path):
         T.Config(methods="replay,magic")
     with pytest.raises(SystemExit):
         T.main(["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------- exmask: pure functions
+
+def test_keep_top_is_sorted_top_k():
+    s = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.0]])
+    assert exmask.keep_top(s, 2).tolist() == [[1, 3]]
+    assert exmask.keep_count(64, 0.3) == 19 and exmask.keep_count(10, 0.0) == 1
+
+
+def test_keep_text_keeps_specials_and_top_share_never_pads():
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0, 0], [2, 20, 21, 3, 0, 0, 0, 0]])
+    special, content = exmask.special_tokens(ids, 0)
+    assert special.tolist()[0] == [1, 0, 0, 0, 0, 1, 0, 0] and special.tolist()[1] == [1, 0, 0, 1, 0, 0, 0, 0]
+    scores = torch.tensor([[9.0, 1, 5, 2, 4, 9, 100, 100], [0, 3, 1, 0, 100, 100, 100, 100]])
+    keep = exmask.keep_text(scores, ids, 0, 0.5)
+    assert keep[0].tolist() == [1, 0, 1, 0, 1, 1, 0, 0]        # 2 of 4 content tokens: the top-scored
+    assert keep[1].tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
+
+
+def test_context_scores_follow_the_discarded_patches():
+    img = torch.tensor([[[1.0, 0], [0, 1.0], [0.7, 0.7]]])            # 3 patches
+    txt = torch.tensor([[[1.0, 0], [0, 1.0]]])                        # 2 tokens
+    dropped = torch.tensor([[False, True, False]])                     # patch 1 was discarded
+    ctx = exmask.context_scores(txt, img, dropped)
+    assert ctx[0, 1] > ctx[0, 0]                                      # token 1 describes what the image lost
+    content = torch.tensor([[True, True]])
+    s0 = exmask.text_scores(torch.tensor([[0.6, 0.4]]), content)
+    s1 = exmask.text_scores(torch.tensor([[0.6, 0.4]]), content, ctx, alpha=3.0)
+    assert s0[0, 0] > s0[0, 1] and s1[0, 1] > s1[0, 0]                 # the context term can flip the choice
+
+
+def test_masked_exemplar_round_trip_replays_at_original_positions():
+    cfg = tiny_model_cfg()
+    torch.manual_seed(0)
+    model = M.TwoTower(cfg, 3).eval()
+    images, ids = tiny_batch(cfg)
+    patches = M.patchify(images, cfg.vit.patch_size).to(torch.uint8)
+    idx = torch.tensor([0, 3, 7, 12])
+    keep = torch.zeros(cfg.text.context, dtype=torch.bool)
+    keep[[0, 2, 4, 6]] = True                                           # caption 1 has 7 tokens: 0..6
+    ex = exmask.encode(patches[1], ids[1], 2, cfg.text.vocab_size, cfg.text.pad_id, idx=idx, keep=keep)
+    assert ex["pixels"].shape == (4, patches.shape[-1]) and ex["pos"].tolist() == [0, 2, 4, 6]
+    b = exmask.collate([ex], cfg.text.pad_id)
+    got = model.forward_tokens(b["pixels"], b["patch_idx"], b["ids"], b["pos"])
+    want = model.forward_tokens(patches[1:2, idx].float(), idx[None], ids[1:2, [0, 2, 4, 6]], torch.tensor([[0, 2, 4, 6]]))
+    torch.testing.assert_close(got, want)
+    assert b["labels"].tolist() == [2]
+
+
+def _replay_items():
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for c, L in ((0, 5), (0, 7), (1, 4)):
+        ids = torch.cat([torch.tensor([2]), torch.randint(4, 40, (L - 2,), generator=g), torch.tensor([3])])
+        ids = torch.nn.functional.pad(ids, (0, 10 - L))
+        items.append(exmask.encode(torch.randint(0, 255, (16, 12), generator=g).to(torch.uint8), ids, c, 50, 0,
+                                   idx=torch.randperm(16, generator=g)[:5].sort().values,
+                                   keep=torch.ones(10, dtype=torch.bool)))
+    return items
+
+
+def test_recombine_swaps_text_only_where_asked():
+    items = _replay_items()
+    a = exmask.collate([items[0], items[2]], 0)
+    b = exmask.collate([items[1], items[2]], 0)
+    r = exmask.recombine(a, b, torch.tensor([True, False]), 0)
+    assert torch.equal(r["pixels"], a["pixels"]) and torch.equal(r["labels"], a["labels"])
+    assert r["ids"][0, :7].tolist() == b["ids"][0, :7].tolist()
+    assert r["ids"][1, :4].tolist() == a["ids"][1, :4].tolist()
+
+
+def test_token_mixup_shares_tokens_and_labels_by_lambda():
+    items = _replay_items()
+    a, b = exmask.collate([items[0], items[1]], 0), exmask.collate([items[2], items[2]], 0)
+    g = torch.Generator().manual_seed(1)
+    r = exmask.token_mixup(a, b, torch.tensor([1.0, 0.0]), 0, g)
+    # lam 1: exactly a's patches and tokens (in another order); lam 0: b's patches, a's special tokens
+    assert sorted(r["patch_idx"][0].tolist()) == a["patch_idx"][0].tolist()
+    assert sorted(r["patch_idx"][1].tolist()) == b["patch_idx"][1].tolist()
+    assert sorted(r["ids"][0][r["ids"][0] != 0].tolist()) == sorted(a["ids"][0][a["ids"][0] != 0].tolist())
+    assert r["lam"].tolist() == [1.0, 0.0] and r["labels_b"].tolist() == [1, 1]
+    r = exmask.token_mixup(a, b, torch.tensor([0.6, 0.6]), 0, g)
+    assert torch.allclose(r["lam"], torch.tensor([0.6, 0.6]))         # 3 of 5 patches from a
+    from_a = [sum(int(p) in a["patch_idx"][i].tolist() for p in r["patch_idx"][i]) for i in range(2)]
+    assert all(n >= 3 for n in from_a)
+
+
+def test_mixed_ce_reduces_to_ce_and_mixes_labels():
+    from train import mixed_ce
+    logits = torch.randn(2, 3)
+    y = torch.tensor([0, 2])
+    assert torch.allclose(mixed_ce(logits, {"labels": y}), torch.nn.functional.cross_entropy(logits, y))
+    r = {"labels": y, "labels_b": torch.tensor([1, 1]), "lam": torch.tensor([0.5, 1.0])}
+    want = (0.5 * torch.nn.functional.cross_entropy(logits[:1], y[:1]) + 0.5 * torch.nn.functional.cross_entropy(logits[:1], torch.tensor([1]))
+            + torch.nn.functional.cross_entropy(logits[1:], y[1:])) / 2
+    assert torch.allclose(mixed_ce(logits, r), want)
+
+
+# ----------------------------------------------------------------------------- exmask: in training
+
+def test_exmask_fits_more_exemplars_in_the_same_bytes(tmp_path):
+    from train import train
+    cfg = tiny_train_cfg(tmp_path, methods="replay,exmask", memory_per_class=1.5, keep_image=0.25, keep_text=0.5,
+                         recombine=0.5, token_mixup=0.5, mask_new=0.5, context_weight=2.0)
+    rep, ex = train(cfg)
+    assert ex["memory"]["bytes_used"] <= ex["memory"]["budget_bytes"] == rep["memory"]["budget_bytes"]
+    assert ex["memory"]["exemplars_per_class"] >= 3 * rep["memory"]["exemplars_per_class"]
+    assert ex["memory"]["mean_kept_patches"] == exmask.keep_count(16, 0.25)
+    assert ex["settings"]["recombine"] == 0.5
+    assert os.path.exists(os.path.join(cfg.out, "exmask", "masked_exemplars.png"))
+    assert os.path.exists(os.path.join(cfg.out, "accuracy.png"))
+
+
+def test_every_ablation_runs_over_seeds(tmp_path):
+    from train import MASKING, summarize, train
+    cfg = tiny_train_cfg(tmp_path, methods=",".join(MASKING), seeds="0,1",
+                         synth=D.SynthConfig(n_classes=4, train_per_class=4, test_per_class=2))
+    results = train(cfg)
+    assert [r["method"] for r in results] == list(MASKING) * 2 and [r["seed"] for r in results] == [0] * 6 + [1] * 6
+    by = {r["method"]: r for r in results if r["seed"] == 0}
+    assert by["image-mask"]["memory"]["mean_kept_patches"] < 16 and by["text-mask"]["memory"]["mean_kept_patches"] == 16
+    assert by["text-mask"]["memory"]["mean_kept_tokens"] < by["image-mask"]["memory"]["mean_kept_tokens"]
+    rows = summarize(results)
+    assert len(rows) == 6 and all(r["runs"] == 2 for r in rows)
+
+
+# ----------------------------------------------------------------------------- real pretrained towers
+
+def test_timm_tower_from_a_local_file(tmp_path):
+    import timm
+    from train import timm_tower
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    vcfg, state = timm_tower("vit_tiny_patch16_224", str(tmp_path / "w.pth"))
+    assert (vcfg.image_size, vcfg.patch_size, vcfg.dim, vcfg.depth) == (224, 16, 192, 12)
+    ours = M.ViT(vcfg)
+    ours.load_state_dict(state, strict=False)
+    x = torch.rand(1, 3, 224, 224) * 255
+    mean, std = torch.tensor(vcfg.mean).view(1, 3, 1, 1), torch.tensor(vcfg.std).view(1, 3, 1, 1)
+    want = ref.forward_features((x / 255 - mean) / std)[:, 0]
+    torch.testing.assert_close(ours.eval().forward_images(x), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(SystemExit, match="cannot load timm model"):
+        timm_tower("vit_tiny_patch16_224", str(tmp_path / "missing.pth"))

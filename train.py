@@ -199,11 +199,13 @@ def default_backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict
 def timm_tower(name: str, file: str = "") -> tuple[M.ViTConfig, dict]:
     """A pretrained timm ViT -> (ViTConfig, our image-tower state). Weights from `file` when given."""
     import timm
+    if file and not os.path.exists(file):
+        raise SystemExit(f"error: cannot load timm model {name!r}: no weights file {file}")
     kw = {"pretrained_cfg_overlay": {"file": file}} if file else {}
     try:
         ref = timm.create_model(name, pretrained=True, num_classes=0, **kw)
     except Exception as e:  # no network, unknown name, bad file: say which
-        raise SystemExit(f"error: cannot load timm model {name!r}: {str(e).splitlines()[0]}") from None
+        raise SystemExit(f"error: cannot load timm model {name!r}: {(str(e) or type(e).__name__).splitlines()[0]}") from None
     vcfg = M.vit_config_from_timm(ref)
     tower = M.ViT(vcfg)
     M.load_timm_vit(tower, ref.state_dict())
