@@ -137,7 +137,49 @@ def onnx_latency(o: Opts) -> dict:
             "ort_providers": sess["ort_dynamo_all"].get_providers(), "repeats": o.repeats, "rows": rows}
 
 
-BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency}
+def replay_cost(o: Opts) -> dict:
+    """One training step (forward, backward, Adam) of the default SSF model on B replayed exemplars:
+    masked (exmask's default shares: 30 % of patches, 80 % of caption words) vs full, per exemplar.
+    Exemplars are built and batched by exmask.encode / exmask.collate, as in training."""
+    import exmask
+    threads = o.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cfg = M.ModelConfig()
+    torch.manual_seed(0)
+    model = M.TwoTower(cfg, n_classes=100)
+    model.freeze_backbone()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    N, P, L, B = cfg.vit.n_patches, 3 * cfg.vit.patch_size ** 2, 12, 32     # 12 tokens: the default captions' mean
+    K = exmask.keep_count(N, 0.3)
+
+    def batch(masked: bool) -> dict:
+        items = []
+        for i in range(B):
+            ids = torch.cat([torch.tensor([2]), torch.randint(4, cfg.text.vocab_size, (L - 2,), generator=g), torch.tensor([3])])
+            keep = exmask.keep_text(torch.rand(1, L, generator=g), ids[None], 0, 0.8)[0] if masked else None
+            idx = torch.randperm(N, generator=g)[:K].sort().values if masked else None
+            items.append(exmask.encode(torch.randint(0, 256, (N, P), generator=g).to(torch.uint8), ids, i % 100,
+                                       cfg.text.vocab_size, 0, idx=idx, keep=keep))
+        return exmask.collate(items, 0)
+
+    batches = {"full": batch(False), "masked": batch(True)}
+
+    def step(r: dict) -> None:
+        loss = torch.nn.functional.cross_entropy(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"]),
+                                                 r["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    ms = timed({k: (lambda r=r: step(r)) for k, r in batches.items()}, o.repeats, o.warmup)
+    return {"threads": threads, "batch": B, "patches": {"full": N, "masked": K},
+            "tokens": {k: int((r["ids"] != 0).sum(1).float().mean()) for k, r in batches.items()},
+            "step_ms": ms, "ms_per_exemplar": {k: v / B for k, v in ms.items()},
+            "ratio_masked_over_full": ms["masked"] / ms["full"], "repeats": o.repeats}
+
+
+BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency, "replay_cost": replay_cost}
 
 
 # ----------------------------------------------------------------------------- report
@@ -160,6 +202,13 @@ def show(name: str, res: dict) -> None:
             r = res[ex]
             print(f"  {ex:>11}: {r['export_s_first']:.2f}s first call, {r['export_s_second']:.2f}s second, "
                   f"{r['file_kb']:,.0f} KB")
+    elif name == "replay_cost":
+        print(f"replay_cost (one SSF training step on {res['batch']} exemplars, torch threads {res['threads']}, "
+              f"median of {res['repeats']})")
+        for k in ("full", "masked"):
+            print(f"  {k:>6}: {res['patches'][k]} patches, {res['tokens'][k]} tokens: {res['step_ms'][k]:.1f} ms/step, "
+                  f"{res['ms_per_exemplar'][k]:.3f} ms/exemplar")
+        print(f"  masked / full: {res['ratio_masked_over_full']:.2f}")
     else:
         print(name, json.dumps(res, indent=1))
 

@@ -44,14 +44,6 @@ TOL = 1e-4   # max |logit difference| ORT vs PyTorch in fp32 that export accepts
 
 # ----------------------------------------------------------------------------- loading a run
 
-def _tokenizer_path(folder: str) -> str:
-    # train.py writes tokenizer.model; a BERT-family run may carry vocab.txt instead
-    for name in ("vocab.txt", "tokenizer.model"):
-        if os.path.exists(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    raise SystemExit(f"error: no tokenizer (tokenizer.model or vocab.txt) in {folder}")
-
-
 def load_model(folder: str) -> tuple[M.TwoTower, list[str]]:
     """A trained run folder -> (the classifier with SSF merged, eval, fp32 on CPU; class names)."""
     path = os.path.join(folder, "model.pt")
@@ -149,7 +141,7 @@ def export_run(folder: str, verify: bool = True, dynamo: bool = True,
     raises SystemExit and any earlier model.onnx stays as it was."""
     t0 = time.perf_counter()
     model, class_names = load_model(folder)
-    _tokenizer_path(folder)  # a model without its tokenizer cannot be served: fail now, not later
+    D.load_tokenizer(folder)  # a model without its tokenizer cannot be served: fail now, not later
     path = os.path.join(folder, ONNX_NAME)
     staged = f"{path}.staged{os.getpid()}"
     try:
@@ -250,7 +242,7 @@ class Predictor:
             raise SystemExit(f"error: no labels.json in {folder} (run: python export.py {folder})")
         with open(labels) as f:
             self.labels = json.load(f)
-        self.tok = D.load_tokenizer(_tokenizer_path(folder))
+        self.tok = D.load_tokenizer(folder)
         self.providers = self.session.get_providers()
 
     def truncated(self, captions: list[str]) -> list[int]:

