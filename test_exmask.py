@@ -1,7 +1,6 @@
 """Tests: CPU only, tiny seeded configs, one property each. Run: python -m pytest -q"""
 import json
 import os
-import random
 from dataclasses import replace
 
 import pytest
