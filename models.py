@@ -158,8 +158,9 @@ class Attention(nn.Module):
         """x (B, N, D); keep (B, N) bool key mask or None. row=True also returns the attention of
         query 0 (the pooling token) over all N keys, mean over heads: (B, N)."""
         B, N, D = x.shape
-        q, k, v = self.qkv_ssf(self.qkv(x)).view(B, N, 3, D).unbind(2)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)            # (B, H, N, Dh)
+        H = self.heads
+        qkv = self.qkv_ssf(self.qkv(x)).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+        q, k, v = qkv.unbind(0)                                              # one transpose, not three
         mask = None if keep is None else keep[:, None, None, :]              # (B, 1, 1, N)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
         if self.prompt is not None:
