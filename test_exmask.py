@@ -418,8 +418,16 @@ def test_bad_method_and_cli_parse(tmp_path):
     import train as T
     with pytest.raises(ValueError, match="unknown method"):
         T.Config(methods="replay,magic")
+    with pytest.raises(ValueError, match="share"):
+        T.Config(keep_image=1.5)
+    with pytest.raises(ValueError, match="budget"):
+        T.Config(memory_per_class=0)
     with pytest.raises(SystemExit):
         T.main(["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        T.main(["--keep-text", "2", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="cannot split 4 classes into 3 phases"):
+        T.train(tiny_train_cfg(tmp_path, phases=3))
 
 
 # ----------------------------------------------------------------------------- exmask: pure functions

@@ -94,6 +94,13 @@ class Config:
         bad = [m for m in self.method_list if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        for k in ("keep_image", "keep_text", "recombine", "token_mixup", "mask_new"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"{k} is a share and must lie in [0, 1], got {getattr(self, k)}")
+        if self.memory_bytes < 0 or (not self.memory_bytes and self.memory_per_class <= 0):
+            raise ValueError("the memory budget must be positive (--memory-per-class or --memory-bytes)")
+        if self.phases < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("phases, epochs and batch size must be at least 1")
 
     @property
     def method_list(self) -> list[str]:
@@ -552,6 +559,10 @@ def train(cfg: Config = Config()) -> list[dict]:
         raise SystemExit(f"error: manifest not found: {cfg.data}")
     mcfg, state, tok = backbone(cfg, cfg.device, con)
     raw = read_data(cfg, mcfg.vit.image_size)
+    try:   # a phase split that cannot work is the user's to fix: say so in one line
+        D.phase_classes(list(range(len(raw["class_names"]))), cfg.phases, cfg.first_phase)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     results = []
     seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     for seed in seeds:
@@ -722,12 +733,15 @@ def main(argv=None) -> None:
     p.add_argument("--token-mixup", type=float, default=c.token_mixup, help="share of replayed exemplars token-mixed")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
     a = p.parse_args(argv)
-    cfg = Config(data=a.data, methods=a.methods, phases=a.phases, first_phase=a.first_phase,
-                 memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, seeds=a.seeds, epochs=a.epochs,
-                 batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
-                 export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
-                 vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
-                 recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new)
+    try:
+        cfg = Config(data=a.data, methods=a.methods, phases=a.phases, first_phase=a.first_phase,
+                     memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, seeds=a.seeds, epochs=a.epochs,
+                     batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
+                     export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
+                     vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new)
+    except ValueError as e:
+        p.error(str(e))
     train(cfg)
 
 
