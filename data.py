@@ -152,7 +152,8 @@ def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
 
 # ----------------------------------------------------------------------------- manifests
 
-def _read_image(path: str, size: int) -> torch.Tensor:
+def load_image(path: str, size: int) -> torch.Tensor:
+    """One image file -> (3, size, size) uint8, the same preprocessing for training and serving."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -164,31 +165,36 @@ def _read_image(path: str, size: int) -> torch.Tensor:
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
 
 
-def load_image(path: str, size: int) -> torch.Tensor:
-    """One image file -> (3, size, size) uint8, the same preprocessing for training and serving."""
-    return _read_image(path, size)
-
-
-def read_manifest(path: str, image_size: int, test_share: float = 0.2, seed: int = 0) -> dict:
-    """A CSV (with header) or JSONL manifest with fields image, text, label and optional split."""
+def read_rows(path: str, required: tuple = ("image", "text", "label")) -> list[dict]:
+    """The rows of a CSV (with header) or JSONL manifest, each with `path`: its image's path
+    (image paths in the file are relative to the file). Training needs a label; serving does not."""
     if not os.path.exists(path):
         raise SystemExit(f"error: manifest not found: {path}")
     with open(path, encoding="utf-8") as f:
         raw = f.read()
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    else:
-        rows = list(csv.DictReader(io.StringIO(raw)))
+    try:
+        if path.endswith((".jsonl", ".json")):
+            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(io.StringIO(raw)))
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise SystemExit(f"error: cannot parse manifest {path}: {e}") from None
     if not rows:
         raise SystemExit(f"error: manifest is empty: {path}")
-    missing = {"image", "text", "label"} - set(rows[0])
+    missing = set(required) - set(rows[0])
     if missing:
         raise SystemExit(f"error: manifest {path} lacks field(s) {sorted(missing)}")
     root = os.path.dirname(os.path.abspath(path))
+    return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r["text"] or "")) for r in rows]
+
+
+def read_manifest(path: str, image_size: int, test_share: float = 0.2, seed: int = 0) -> dict:
+    """A CSV (with header) or JSONL manifest with fields image, text, label and optional split."""
+    rows = read_rows(path)
     class_names = sorted({str(r["label"]) for r in rows})
     idx = {c: i for i, c in enumerate(class_names)}
     labels = torch.tensor([idx[str(r["label"])] for r in rows])
-    images = torch.stack([_read_image(os.path.join(root, r["image"]), image_size) for r in rows])
+    images = torch.stack([load_image(r["path"], image_size) for r in rows])
     if "split" in rows[0] and all(r.get("split") for r in rows):
         is_test = torch.tensor([r["split"].strip().lower() == "test" for r in rows])
     else:   # seeded stratified split

@@ -23,8 +23,6 @@ From Python: `Predictor(DIR).predict(["a.png"], ["a red disc on the grass"])`.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -280,29 +278,6 @@ class Predictor:
 
 # ----------------------------------------------------------------------------- manifests
 
-def read_rows(path: str) -> list[dict]:
-    """A CSV (with header) or JSONL file with fields image and text (label optional), as in
-    data.read_manifest; image paths are relative to the file."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: manifest not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        raw = f.read()
-    try:
-        if path.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        else:
-            rows = list(csv.DictReader(io.StringIO(raw)))
-    except (json.JSONDecodeError, csv.Error) as e:
-        raise SystemExit(f"error: cannot parse manifest {path}: {e}") from None
-    if not rows:
-        raise SystemExit(f"error: manifest is empty: {path}")
-    missing = {"image", "text"} - set(rows[0])
-    if missing:
-        raise SystemExit(f"error: manifest {path} lacks field(s) {sorted(missing)}")
-    root = os.path.dirname(os.path.abspath(path))
-    return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r["text"] or "")) for r in rows]
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> None:
@@ -340,7 +315,7 @@ def main(argv=None) -> None:
     if a.predict:
         rows = [{"image": a.predict[0], "path": a.predict[0], "text": a.predict[1]}]
     else:
-        rows = read_rows(a.manifest)
+        rows = D.read_rows(a.manifest, required=("image", "text"))
     for i in pred.truncated([r["text"] for r in rows]):
         print(f"note: caption {i + 1} is longer than the model's context ({pred.context} tokens); "
               f"truncated, the end token kept", file=sys.stderr)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -92,6 +92,11 @@ def unpatchify(patches: torch.Tensor, p: int, C: int = 3) -> torch.Tensor:
     g = math.isqrt(N)
     x = patches.reshape(B, g, g, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, g, p, g, p)
     return x.reshape(B, C, g * p, g * p)
+
+
+def all_patches(x: torch.Tensor) -> torch.Tensor:
+    """Patch indices 0..N-1 for every sample of a (B, N, ...) batch: (B, N), on x's device."""
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -508,7 +513,3 @@ def load_bert(path: str) -> tuple[TextConfig, dict]:
                      mlp_ratio=c["intermediate_size"] / c["hidden_size"], pre_norm=False, embed_dim=0,
                      pad_id=c.get("pad_token_id", 0), ln_eps=c.get("layer_norm_eps", 1e-12))
     return cfg, bert_to_ours(read_safetensors(os.path.join(path, "model.safetensors")), cfg.depth)
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)

@@ -155,13 +155,12 @@ def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tup
     n, B = len(labels), pcfg.batch_size
     steps = pcfg.epochs * (n // B)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, pcfg.lr, total_steps=steps, pct_start=0.1)
-    idx_all = torch.arange(mcfg.vit.n_patches).expand(B, -1).to(device)
     with progress(con) as bar:
         task = bar.add_task("pretraining the default towers (once, then cached)", total=steps)
         for _ in range(pcfg.epochs):
             for b in torch.randperm(n).split(B)[: n // B]:
                 x, t, y = patches[b].to(device), ids[b].to(device), labels[b].to(device)
-                pidx = idx_all
+                pidx = M.all_patches(x)
                 if pcfg.patch_drop > 0:   # PatchDropout/FLIP-style: the towers learn to work from a subset of patches
                     keep = exmask.keep_count(pidx.shape[1], 1 - pcfg.patch_drop)
                     pidx = torch.rand(pidx.shape, device=device).argsort(1)[:, :keep]
@@ -295,7 +294,7 @@ def evaluate(model: M.TwoTower, data: dict, phase_cls: list[list[int]], t: int, 
         correct = 0
         for b in idx.split(bs):
             x = data["patches"][b].to(device)
-            pidx = torch.arange(x.shape[1], device=device).expand(len(b), -1)
+            pidx = M.all_patches(x)
             with autocast(device):
                 logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
             correct += (logits.argmax(1).cpu() == data["labels"][b]).sum().item()
@@ -323,7 +322,7 @@ def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, metho
     txt_mode = txt_mode if model.use_text else None
     x = patches.to(dev)
     n, N = x.shape[:2]
-    pidx = torch.arange(N, device=dev).expand(n, -1)
+    pidx = M.all_patches(x)
     with autocast(dev):
         f, (ia, ta) = model.features(x, pidx, ids.to(dev), aux=True)
     keep_idx = keep = None
@@ -522,7 +521,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
         for _ in range(cfg.epochs):
             for b in idx[torch.randperm(len(idx))].split(B):
                 x = data["patches"][b].to(device)
-                pidx = torch.arange(x.shape[1], device=device).expand(len(b), -1)
+                pidx = M.all_patches(x)
                 with autocast(device):
                     logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
                     y = data["labels"][b].to(device)
