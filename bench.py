@@ -29,7 +29,9 @@ import torch
 
 import models as M
 
-EXPORTERS = ("dynamo", "torchscript")   # export.export_onnx(dynamo=True / False)
+# the exports measured: keyword arguments of export.export_onnx. "dynamo" is the default (ORT's fused
+# MultiHeadAttention); "portable" the same exporter with standard ONNX ops only; "torchscript" the old exporter
+EXPORTS = {"dynamo": {"dynamo": True}, "portable": {"dynamo": True, "fused": False}, "torchscript": {"dynamo": False}}
 
 
 @dataclass
@@ -85,18 +87,18 @@ def bench_model(o: Opts) -> tuple[M.TwoTower, str]:
 # ----------------------------------------------------------------------------- benchmarks
 
 def onnx_export(o: Opts) -> dict:
-    """Export seconds (first call in this process, then a second) and model.onnx size, per exporter."""
+    """Export seconds (first call in this process, then a second) and model.onnx size, per export."""
     import export as E
     model, source = bench_model(o)
     n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     res = {"model": source, "params_and_buffers": n, "fp32_weight_kb": 4 * n / 1024}
     with tempfile.TemporaryDirectory() as d:
-        for name in EXPORTERS:
+        for name, kw in EXPORTS.items():
             path = os.path.join(d, f"{name}.onnx")
             secs = []
             for _ in range(2):
                 t = time.perf_counter()
-                E.export_onnx(model, path, dynamo=name == "dynamo")
+                E.export_onnx(model, path, **kw)
                 secs.append(time.perf_counter() - t)
             res[name] = {"export_s_first": secs[0], "export_s_second": secs[1], "file_kb": os.path.getsize(path) / 1024}
     return res
@@ -105,8 +107,9 @@ def onnx_export(o: Opts) -> dict:
 def onnx_latency(o: Opts) -> dict:
     """ONNX Runtime (CPU provider) vs PyTorch eager on CPU: the same model (SSF merged), the same
     inputs, the same thread count; batch 1 and 32 at the full caption length. ORT runs the default
-    export (dynamo) at ORT_ENABLE_ALL; also shown: ORT_ENABLE_BASIC, the TorchScript exporter's
-    graph, and eager without merge_ssf (what the training code runs)."""
+    export (dynamo, fused attention) at ORT_ENABLE_ALL; also shown: ORT_ENABLE_BASIC, the portable
+    export (standard ops only), the TorchScript exporter's graph, and eager without merge_ssf (what
+    the training code runs). ORT sessions are export.session's, as served."""
     import export as E
     model, source = bench_model(o)
     threads = o.threads or torch.get_num_threads()
@@ -115,11 +118,11 @@ def onnx_latency(o: Opts) -> dict:
     unmerged = M.TwoTower(model.cfg, model.n_classes).eval()
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for name in EXPORTERS:
-            E.export_onnx(model, os.path.join(d, f"{name}.onnx"), dynamo=name == "dynamo")
+        for name, kw in EXPORTS.items():
+            E.export_onnx(model, os.path.join(d, f"{name}.onnx"), **kw)
         sess = {f"ort_{name}_{lvl}": E.session(os.path.join(d, f"{name}.onnx"), providers=["CPUExecutionProvider"],
                                                threads=threads, opt_level=lvl)
-                for name, lvl in (("dynamo", "all"), ("dynamo", "basic"), ("torchscript", "all"))}
+                for name, lvl in (("dynamo", "all"), ("dynamo", "basic"), ("portable", "all"), ("torchscript", "all"))}
         for B in o.batches:
             images, ids = E.example_inputs(model, B, L, seed=B)
             feeds = {"images": images.numpy(), "ids": ids.numpy()}
@@ -129,6 +132,7 @@ def onnx_latency(o: Opts) -> dict:
                 ms = timed(fns, o.repeats, o.warmup)
             row = {"batch": B, "length": L, **{f"{k}_ms": v for k, v in ms.items()}}
             row["ratio_ort_over_torch"] = ms["ort_dynamo_all"] / ms["torch"]
+            row["ratio_ort_portable_over_torch"] = ms["ort_portable_all"] / ms["torch"]
             row["ratio_ort_torchscript_over_torch"] = ms["ort_torchscript_all"] / ms["torch"]
             row["max_abs_diff"] = E.compare(model, sess["ort_dynamo_all"], images, ids)["max_abs_diff"]
             rows.append(row)
@@ -218,9 +222,11 @@ def show(name: str, res: dict) -> None:
     if name == "onnx_latency":
         print(f"onnx_latency ({res['model']}; torch threads {res['torch_threads']}, "
               f"ORT intra-op threads {res['ort_intra_op_threads']}, median ms of {res['repeats']})")
-        cols = ("torch", "ort_dynamo_all", "ratio_ort_over_torch", "ort_dynamo_basic", "ort_torchscript_all",
-                "ratio_ort_torchscript_over_torch", "torch_unmerged")
-        heads = ("torch", "ORT", "ORT/torch", "ORT basic", "ORT(TS)", "ORT(TS)/torch", "torch unmerged")
+        cols = ("torch", "ort_dynamo_all", "ratio_ort_over_torch", "ort_dynamo_basic", "ort_portable_all",
+                "ratio_ort_portable_over_torch", "ort_torchscript_all", "ratio_ort_torchscript_over_torch",
+                "torch_unmerged")
+        heads = ("torch", "ORT", "ORT/torch", "ORT basic", "ORT(std)", "ORT(std)/torch", "ORT(TS)", "ORT(TS)/torch",
+                 "torch unmerged")
         print(f"{'batch':>5} " + " ".join(f"{h:>{max(9, len(h))}}" for h in heads) + f" {'max|diff|':>9}")
         for r in res["rows"]:
             vals = [r.get(f"{c}_ms", r.get(c)) for c in cols]
@@ -228,7 +234,7 @@ def show(name: str, res: dict) -> None:
                                                  for v, h, c in zip(vals, heads, cols)) + f" {r['max_abs_diff']:>9.1e}")
     elif name == "onnx_export":
         print(f"onnx_export ({res['model']}; {res['fp32_weight_kb']:,.0f} KB of fp32 weights)")
-        for ex in EXPORTERS:
+        for ex in EXPORTS:
             r = res[ex]
             print(f"  {ex:>11}: {r['export_s_first']:.2f}s first call, {r['export_s_second']:.2f}s second, "
                   f"{r['file_kb']:,.0f} KB")

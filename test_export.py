@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -118,6 +119,102 @@ def test_trimmed_captions_give_the_same_logits(run):
     a = pred.session.run(["logits"], {"images": images.numpy(), "ids": ids.numpy()})[0]
     b = pred.session.run(["logits"], {"images": images.numpy(), "ids": full.numpy()})[0]
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def padded_ids(model: M.TwoTower, lengths: list[int], width: int, seed: int = 0) -> torch.Tensor:
+    """(len(lengths), width) ids: row i holds lengths[i] tokens (no pad among them), then pads."""
+    tc = model.cfg.text
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, tc.vocab_size, (len(lengths), width), generator=g)
+    ids[ids == tc.pad_id] = (tc.pad_id + 1) % tc.vocab_size
+    for i, n in enumerate(lengths):
+        ids[i, n:] = tc.pad_id
+    return ids
+
+
+@pytest.mark.parametrize("lengths,width", [([3], 24), ([1], 9), ([24, 1, 5, 12, 2], 24), ([7, 3, 1], 7)])
+def test_parity_padded_captions(run, lengths, width):
+    """Captions of different lengths padded to one width (the pad mask, i.e. MultiHeadAttention's
+    key_padding_mask), batch 1 included: ORT agrees with PyTorch."""
+    model, _ = E.load_model(run["dir"])
+    sess = E.session(run["onnx"], providers=["CPUExecutionProvider"])
+    images, _ = E.example_inputs(model, len(lengths), 1, seed=len(lengths))
+    r = E.compare(model, sess, images, padded_ids(model, lengths, width, seed=width))
+    assert r["max_abs_diff"] <= 1e-4 and r["top1_agree"] == 1.0
+
+
+def mha_nodes(m: onnx.ModelProto) -> list:
+    return [n for n in m.graph.node if n.domain == E.MS_DOMAIN and n.op_type == "MultiHeadAttention"]
+
+
+def test_export_uses_fused_attention(run):
+    """The default export runs every attention as ORT's com.microsoft.MultiHeadAttention: one per
+    block, the text tower's with the pad mask as key_padding_mask, and no Softmax left."""
+    m = onnx.load(run["onnx"])
+    nodes = mha_nodes(m)
+    assert len(nodes) == TINY.vit.depth + TINY.text.depth
+    with_mask = [n for n in nodes if len(n.input) > 4 and n.input[4]]
+    assert len(with_mask) == TINY.text.depth
+    assert all({a.name: a.i for a in n.attribute}["num_heads"] == 2 for n in nodes)
+    assert not [n for n in m.graph.node if n.op_type in ("Softmax", "MatMul")]
+    assert {o.domain: o.version for o in m.opset_import}[E.MS_DOMAIN] == 1
+
+
+def test_portable_export_has_standard_ops_only(run, tmp_path, capsys):
+    """`--exporter portable`: the same model, standard ONNX ops only (for runtimes other than ORT)."""
+    for f in ("model.pt", "tokenizer.model"):
+        shutil.copy(os.path.join(run["dir"], f), tmp_path / f)
+    E.main([str(tmp_path), "--exporter", "portable"])
+    assert "max |diff|" in capsys.readouterr().out
+    model, _ = E.load_model(run["dir"])
+    path = str(tmp_path / "model.onnx")
+    m = onnx.load(path)
+    onnx.checker.check_model(m)    # only standard ops: the checker knows them all
+    assert not mha_nodes(m) and {n.domain for n in m.graph.node} <= {"", "ai.onnx"}
+    images, _ = E.example_inputs(model, 3, 1)
+    r = E.compare(model, E.session(path), images, padded_ids(model, [9, 1, 4], 9))
+    assert r["max_abs_diff"] <= 1e-4 and r["top1_agree"] == 1.0
+
+
+def test_fused_rewrite_is_exact_and_undone(run):
+    """ort_fused only changes the graph: eager outputs stay, and the model is as before on leaving,
+    also when the export inside fails."""
+    model, _ = E.load_model(run["dir"])
+    keys = list(model.state_dict())
+    images, ids = E.example_inputs(model, 4, 11, seed=4)
+    with torch.no_grad():
+        ref = model(images, ids)
+        with E.ort_fused(model):
+            assert "forward" in model.text.blocks[0].attn.__dict__
+            fused = model(images, ids)
+        np.testing.assert_allclose(fused.numpy(), ref.numpy(), atol=1e-5)
+        with pytest.raises(RuntimeError), E.ort_fused(model):
+            raise RuntimeError("export failed")
+        assert torch.equal(model(images, ids), ref)
+    assert list(model.state_dict()) == keys
+    assert not [m for m in model.modules() if "forward" in m.__dict__ or any(b.startswith("ort_") for b in m._buffers)]
+
+
+def test_prompt_adapter_fused_export(tmp_path):
+    """Prompt adapters with open gates, both towers: a second MultiHeadAttention per block over the
+    prompts (no pad mask), the gate folded into the prompts' values; ORT agrees with PyTorch."""
+    torch.manual_seed(0)
+    model = M.TwoTower(M.ModelConfig(vit=TINY.vit, text=TINY.text, adapter="prompt"), n_classes=3).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, M.Attention):
+                m.prompt_gate.uniform_(-1, 1)
+                m.prompt.normal_()
+    path = str(tmp_path / "m.onnx")
+    E.export_onnx(model, path)
+    nodes = mha_nodes(onnx.load(path))
+    assert len(nodes) == 2 * (TINY.vit.depth + TINY.text.depth)
+    assert len([n for n in nodes if len(n.input) > 4 and n.input[4]]) == TINY.text.depth
+    sess = E.session(path)
+    for lengths in ([4], [24, 1, 6]):
+        images, _ = E.example_inputs(model, len(lengths), 1, seed=len(lengths))
+        r = E.compare(model, sess, images, padded_ids(model, lengths, 24))
+        assert r["max_abs_diff"] <= 1e-4 and r["top1_agree"] == 1.0
 
 
 @pytest.mark.parametrize("dynamo", [True, False])
@@ -251,7 +348,7 @@ def test_failed_parity_keeps_the_last_good_export(run, tmp_path, monkeypatch):
     monkeypatch.setattr(E, "session", lambda *a, **kw: None)
     monkeypatch.setattr(E, "compare", lambda *a: {"max_abs_diff": 1.0, "top1_agree": 0.5, "n": 3})
     # the real exporter is tested above; here only what happens after a bad parity check
-    monkeypatch.setattr(E, "export_onnx", lambda model, path, dynamo: open(path, "wb").close())
+    monkeypatch.setattr(E, "export_onnx", lambda model, path, dynamo, fused: open(path, "wb").close())
     (folder / "model.onnx").write_bytes(b"the last good export")
     with pytest.raises(SystemExit, match="^error: ONNX Runtime disagrees"):
         E.export_run(str(folder))
@@ -293,4 +390,5 @@ def test_bench_onnx_latency_smoke(run, tmp_path):
     res = rep["results"]["onnx_latency"]
     assert res["torch_threads"] == res["ort_intra_op_threads"] == 1
     assert [r["batch"] for r in res["rows"]] == [1, 32]
-    assert all(r["torch_ms"] > 0 and r["ort_dynamo_all_ms"] > 0 and r["max_abs_diff"] <= 1e-4 for r in res["rows"])
+    assert all(r["torch_ms"] > 0 and r["ort_dynamo_all_ms"] > 0 and r["ort_portable_all_ms"] > 0
+               and r["max_abs_diff"] <= 1e-4 for r in res["rows"])
