@@ -542,6 +542,31 @@ def test_exmask_fits_more_exemplars_in_the_same_bytes(tmp_path):
     assert os.path.exists(os.path.join(cfg.out, "accuracy.png"))
 
 
+@pytest.mark.parametrize("replay", ["epoch", "batch"])
+def test_replay_modes(tmp_path, monkeypatch, replay):
+    """epoch: each stored exemplar is replayed exactly once per epoch, spread over the steps;
+    batch: every step draws batch_size exemplars."""
+    import train as T
+    calls, real = [], T.replay_batch
+
+    def spy(memory, items, *a, **k):
+        calls.append((len(memory), [id(ex) for ex in items]))
+        return real(memory, items, *a, **k)
+
+    monkeypatch.setattr(T, "replay_batch", spy)
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", epochs=2, batch_size=4, replay=replay))
+    n_mem = calls[0][0]
+    assert n_mem > 1 and len(calls) == 2 * 4                # phase 2: 2 epochs of 16 new samples in batches of 4
+    if replay == "batch":
+        assert all(len(ids) == 4 for _, ids in calls)
+    else:
+        for epoch in (calls[:4], calls[4:]):
+            ids = [i for _, batch in epoch for i in batch]
+            assert len(ids) == n_mem and len(set(ids)) == n_mem
+    with pytest.raises(ValueError, match="replay"):
+        T.Config(replay="sometimes")
+
+
 def test_every_ablation_runs_over_seeds(tmp_path):
     from train import MASKING, summarize, train
     cfg = tiny_train_cfg(tmp_path, methods=",".join(MASKING), seeds="0,1",

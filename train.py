@@ -71,7 +71,9 @@ class Config:
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
     recombine: float = 0.0                  # share of replayed exemplars given a same-class partner's text
     token_mixup: float = 0.0                # share of replayed exemplars token-mixed with another exemplar
-    mask_new: float = 0.5                   # share of new samples also shown masked (exmask family)
+    mask_new: float = 0.0                   # share of new samples also shown masked (exmask family)
+    replay: str = "epoch"                   # "epoch": every exemplar once per epoch beside the new data (iCaRL);
+                                            # "batch": a batch of batch_size exemplars drawn each step
     seed: int = 0
     seeds: str = ""                         # e.g. "0,1,2": every method once per seed, reported as mean ± std
     epochs: int = 3
@@ -99,6 +101,8 @@ class Config:
                 raise ValueError(f"{k} is a share and must lie in [0, 1], got {getattr(self, k)}")
         if self.memory_bytes < 0 or (not self.memory_bytes and self.memory_per_class <= 0):
             raise ValueError("the memory budget must be positive (--memory-per-class or --memory-bytes)")
+        if self.replay not in ("epoch", "batch"):
+            raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("phases, epochs and batch size must be at least 1")
 
@@ -378,10 +382,10 @@ def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: list[int], V: int
     return exmask.collate(items, pad, device)
 
 
-def replay_batch(memory: Memory, B: int, cfg: Config, method: str, pad: int, rng: random.Random,
+def replay_batch(memory: Memory, items: list[dict], cfg: Config, method: str, pad: int, rng: random.Random,
                  gen: torch.Generator) -> dict:
-    """B exemplars from memory; for exmask and its ablations, diversified by mixup replay."""
-    items = memory.sample(B, rng)
+    """Exemplars `items` from memory, batched; for exmask and its ablations, diversified by mixup replay."""
+    B = len(items)
     r = exmask.collate(items, pad)
     if method in MASKING and MASKING[method][3]:
         if cfg.recombine > 0:
@@ -509,6 +513,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     pad = model.cfg.text.pad_id
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    per_step = math.ceil(len(memory) / math.ceil(len(idx) / B)) if memory is not None else 0
     masked_new = None
     if method in MASKING and memory is not None and cfg.mask_new > 0:
         # old classes are replayed masked; show the new ones masked too (a share of the time), so
@@ -519,23 +524,33 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
         for _ in range(cfg.epochs):
-            for b in idx[torch.randperm(len(idx))].split(B):
+            stored = memory.items() if memory is not None and cfg.replay == "epoch" else []
+            rng.shuffle(stored)                     # each exemplar once per epoch, spread over its steps
+            for s, b in enumerate(idx[torch.randperm(len(idx))].split(B)):
                 x = data["patches"][b].to(device)
                 pidx = M.all_patches(x)
                 with autocast(device):
                     logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
                     y = data["labels"][b].to(device)
                     loss = F.cross_entropy(logits.float(), y)
+                    sel = []
                     if masked_new is not None:
                         sel = [where[int(i)] for i in b if torch.rand(1, generator=gen) < cfg.mask_new]
                         if sel:
                             nb = masked_batch(data, idx[sel], masked_new, sel, model.cfg.text.vocab_size, pad, device)
                             lm = model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"])
                             loss = (loss * len(b) + F.cross_entropy(lm.float(), nb["labels"]) * len(sel)) / (len(b) + len(sel))
+                    items = []
                     if memory is not None and len(memory):
-                        r = replay_batch(memory, B, cfg, method, pad, rng, gen)
+                        items = memory.sample(B, rng) if cfg.replay == "batch" else stored[s * per_step:(s + 1) * per_step]
+                    if items:
+                        r = replay_batch(memory, items, cfg, method, pad, rng, gen)
                         lr_ = model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"])
-                        loss = (loss + mixed_ce(lr_.float(), r)) / 2
+                        if cfg.replay == "batch":   # old and new weigh the same, whatever their numbers
+                            loss = (loss + mixed_ce(lr_.float(), r)) / 2
+                        else:                       # every sample weighs the same: training on new data + memory
+                            n = len(b) + len(sel)
+                            loss = (loss * n + mixed_ce(lr_.float(), r) * len(items)) / (n + len(items))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -571,7 +586,7 @@ def train(cfg: Config = Config()) -> list[dict]:
             name = method if len(seeds) == 1 else f"{method}-seed{seed}"
             res, model = run_method(replace(scfg, out=os.path.join(cfg.out, name)), method, data, mcfg, state, tok, con)
             res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "context_weight", "recombine",
-                                                             "token_mixup", "mask_new", "epochs", "memory_per_class",
+                                                             "token_mixup", "mask_new", "replay", "epochs", "memory_per_class",
                                                              "memory_bytes")}
             results.append(res)
             save_model(os.path.join(cfg.out, name), model, data["class_names"], tok)
@@ -730,6 +745,8 @@ def main(argv=None) -> None:
     p.add_argument("--keep-text", type=float, default=c.keep_text, help="share of caption tokens kept")
     p.add_argument("--recombine", type=float, default=c.recombine, help="share of replayed exemplars recombined (same-class text swap)")
     p.add_argument("--token-mixup", type=float, default=c.token_mixup, help="share of replayed exemplars token-mixed")
+    p.add_argument("--replay", default=c.replay, choices=["epoch", "batch"],
+                   help="epoch: every exemplar once per epoch beside the new data; batch: batch-size exemplars per step")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
     a = p.parse_args(argv)
     try:
@@ -738,7 +755,7 @@ def main(argv=None) -> None:
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new)
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
     except ValueError as e:
         p.error(str(e))
     train(cfg)
