@@ -186,8 +186,9 @@ def replay_cost(o: Opts) -> dict:
 def mask_precision(o: Opts) -> dict:
     """How well the image mask finds the object: of the patches exmask keeps (30 %), the share that
     overlaps the object, on 400 embedded samples, with the default pretrained towers (cached, or
-    pretrained once). Against keeping patches at random, and the best possible (all object patches
-    first). The embedded generator knows each object's box."""
+    pretrained once): raw last-block attention, attention smoothed as exmask does by default
+    (train.Config.smooth_image), random patches, and the best possible (all object patches first).
+    The embedded generator knows each object's box."""
     import data as D
     import exmask
     from train import Config, console, default_backbone
@@ -208,7 +209,8 @@ def mask_precision(o: Opts) -> dict:
         _, (row, _) = model.image.forward_images(images.float(), aux=True)
     hit = lambda s: on_obj.gather(1, exmask.keep_top(s, K)).mean().item()
     return {"kept_patches": K, "object_share_of_patches": on_obj.mean().item(),
-            "attention": hit(row), "random": hit(torch.rand(row.shape, generator=torch.Generator().manual_seed(0))),
+            "attention": hit(row), "attention_smoothed": hit(exmask.smooth_scores(row, g, cfg.smooth_image)),
+            "random": hit(torch.rand(row.shape, generator=torch.Generator().manual_seed(0))),
             "best_possible": hit(on_obj + 1e-3 * torch.rand(on_obj.shape))}
 
 

