@@ -1,0 +1,142 @@
+"""Tests of train.py: the phase loop, replay, checkpoints, the CLI, and exmask inside training.
+CPU only, tiny seeded configs (tiny_train_cfg from test_exmask). Run: python -m pytest -q"""
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data as D
+import exmask
+from test_exmask import tiny_train_cfg
+
+torch.set_num_threads(2)
+
+# ----------------------------------------------------------------------------- training
+
+def test_metrics():
+    from train import metrics
+    m = metrics([[90.0], [70.0, 80.0], [50.0, 60.0, 70.0]], [[10], [10, 10], [10, 10, 20]])
+    assert m["phase_accuracy"] == [90.0, 75.0, 62.5]
+    assert m["last_accuracy"] == 62.5 and m["avg_incremental_accuracy"] == pytest.approx(75.833, abs=1e-3)
+    assert m["avg_forgetting"] == pytest.approx(((90 - 50) + (80 - 60)) / 2)
+    assert m["bwt"] == pytest.approx(((50 - 90) + (60 - 80)) / 2)
+
+
+def test_train_end_to_end_writes_results_and_caches_backbone(tmp_path):
+    from train import train
+    cfg = tiny_train_cfg(tmp_path, methods="finetune,replay,joint")
+    results = train(cfg)
+    saved = json.load(open(os.path.join(cfg.out, "results.json")))
+    assert saved == json.loads(json.dumps(results))
+    for r in results:
+        for key in ("method", "seed", "phases", "classes_per_phase", "accuracy_matrix", "avg_incremental_accuracy",
+                    "last_accuracy", "avg_forgetting", "bwt", "phase_seconds", "trainable_params", "memory"):
+            assert key in r
+        assert len(r["accuracy_matrix"]) == 2 and len(r["accuracy_matrix"][1]) == 2
+        assert set(r["memory"]) >= {"budget_bytes", "bytes_used", "exemplars", "exemplars_per_class",
+                                    "mean_kept_patches", "mean_kept_tokens"}
+    replay = results[1]["memory"]
+    assert 0 < replay["bytes_used"] <= replay["budget_bytes"] and replay["exemplars_per_class"] == 2
+    assert results[0]["memory"]["exemplars"] == 0
+    assert len(os.listdir(cfg.cache_dir)) == 1                      # the pretrained towers, cached
+    assert os.path.exists(os.path.join(cfg.out, "replay", "model.pt"))
+
+
+def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, phases=3, synth=D.SynthConfig(n_classes=6, train_per_class=8, test_per_class=4))
+    want = T.train(replace(cfg, out=str(tmp_path / "a")))[0]
+    real_save, calls = T.save_checkpoint, []
+
+    def crash_after_two(path, ck):
+        real_save(path, ck)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(replace(cfg, out=str(tmp_path / "b")))
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    got = T.train(replace(cfg, out=str(tmp_path / "b"), resume=True))[0]
+    assert got["accuracy_matrix"] == want["accuracy_matrix"] and got["memory"] == want["memory"]
+
+
+def test_memory_bytes_option_and_modalities(tmp_path):
+    from train import train
+    r = train(tiny_train_cfg(tmp_path, memory_bytes=5000))[0]
+    assert r["memory"]["budget_bytes"] == 5000 and r["memory"]["bytes_used"] <= 5000
+    r = train(tiny_train_cfg(tmp_path, methods="replay", out=str(tmp_path / "t"),
+                             model=replace(tiny_train_cfg(tmp_path).model, modalities="text", adapter="prompt")))[0]
+    assert r["modalities"] == "text" and r["adapter"] == "prompt"
+
+
+def test_bad_method_and_cli_parse(tmp_path):
+    import train as T
+    with pytest.raises(ValueError, match="unknown method"):
+        T.Config(methods="replay,magic")
+    with pytest.raises(ValueError, match="share"):
+        T.Config(keep_image=1.5)
+    with pytest.raises(ValueError, match="budget"):
+        T.Config(memory_per_class=0)
+    with pytest.raises(SystemExit):
+        T.main(["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        T.main(["--keep-text", "2", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="cannot split 4 classes into 3 phases"):
+        T.train(tiny_train_cfg(tmp_path, phases=3))
+
+
+# ----------------------------------------------------------------------------- exmask: in training
+
+def test_exmask_fits_more_exemplars_in_the_same_bytes(tmp_path):
+    from train import train
+    cfg = tiny_train_cfg(tmp_path, methods="replay,exmask", memory_per_class=1.5, keep_image=0.25, keep_text=0.5,
+                         recombine=0.5, token_mixup=0.5, mask_new=0.5, context_weight=2.0, smooth_image=1)
+    rep, ex = train(cfg)
+    assert ex["memory"]["bytes_used"] <= ex["memory"]["budget_bytes"] == rep["memory"]["budget_bytes"]
+    assert ex["memory"]["exemplars_per_class"] >= 3 * rep["memory"]["exemplars_per_class"]
+    assert ex["memory"]["mean_kept_patches"] == exmask.keep_count(16, 0.25)
+    assert ex["settings"]["recombine"] == 0.5 and ex["settings"]["smooth_image"] == 1
+    assert os.path.exists(os.path.join(cfg.out, "exmask", "masked_exemplars.png"))
+    assert os.path.exists(os.path.join(cfg.out, "accuracy.png"))
+
+
+@pytest.mark.parametrize("replay", ["epoch", "batch"])
+def test_replay_modes(tmp_path, monkeypatch, replay):
+    """epoch: each stored exemplar is replayed exactly once per epoch, spread over the steps;
+    batch: every step draws batch_size exemplars."""
+    import train as T
+    calls, real = [], T.replay_batch
+
+    def spy(memory, items, *a, **k):
+        calls.append((len(memory), [id(ex) for ex in items]))
+        return real(memory, items, *a, **k)
+
+    monkeypatch.setattr(T, "replay_batch", spy)
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", epochs=2, batch_size=4, replay=replay))
+    n_mem = calls[0][0]
+    assert n_mem > 1 and len(calls) == 2 * 4                # phase 2: 2 epochs of 16 new samples in batches of 4
+    if replay == "batch":
+        assert all(len(ids) == 4 for _, ids in calls)
+    else:
+        for epoch in (calls[:4], calls[4:]):
+            ids = [i for _, batch in epoch for i in batch]
+            assert len(ids) == n_mem and len(set(ids)) == n_mem
+    with pytest.raises(ValueError, match="replay"):
+        T.Config(replay="sometimes")
+
+
+def test_every_ablation_runs_over_seeds(tmp_path):
+    from train import MASKING, summarize, train
+    cfg = tiny_train_cfg(tmp_path, methods=",".join(MASKING), seeds="0,1",
+                         synth=D.SynthConfig(n_classes=4, train_per_class=4, test_per_class=2))
+    results = train(cfg)
+    assert [r["method"] for r in results] == list(MASKING) * 2 and [r["seed"] for r in results] == [0] * 6 + [1] * 6
+    by = {r["method"]: r for r in results if r["seed"] == 0}
+    assert by["image-mask"]["memory"]["mean_kept_patches"] < 16 and by["text-mask"]["memory"]["mean_kept_patches"] == 16
+    assert by["text-mask"]["memory"]["mean_kept_tokens"] < by["image-mask"]["memory"]["mean_kept_tokens"]
+    rows = summarize(results)
+    assert len(rows) == 6 and all(r["runs"] == 2 for r in rows)
