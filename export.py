@@ -35,7 +35,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ import torch.nn.functional as F
 
 import data as D
 import models as M
+
+if TYPE_CHECKING:   # for annotations only: onnxruntime is imported where a session is made
+    import onnxruntime as ort
 
 ONNX_NAME = "model.onnx"
 TOL = 1e-4   # max |logit difference| ORT vs PyTorch in fp32 that export accepts
@@ -143,11 +146,7 @@ def _attention_consts(attn: M.Attention) -> dict[str, torch.Tensor] | None:
     if not isinstance(attn.qkv_ssf, (M.SSF, nn.Identity)):
         return None
     D = attn.proj.in_features
-    w = attn.qkv.weight
-    b = attn.qkv.bias if attn.qkv.bias is not None else w.new_zeros(3 * D)
-    if isinstance(attn.qkv_ssf, M.SSF):
-        s, t = attn.qkv_ssf.scale, attn.qkv_ssf.shift
-        w, b = w * s[:, None], b * s + t
+    w, b = M.fold_ssf(attn.qkv.weight, attn.qkv.bias, attn.qkv_ssf)
     out = {}
     for i, n in enumerate("qkv"):
         out[f"{n}_weight"], out[f"{n}_bias"] = w[i * D:(i + 1) * D].clone(), b[i * D:(i + 1) * D].clone()
@@ -421,8 +420,6 @@ class Predictor:
         top = np.argsort(-p, 1)[:, :top_k]
         return [[(self.labels[j], float(p[i, j])) for j in row] for i, row in enumerate(top)]
 
-
-# ----------------------------------------------------------------------------- manifests
 
 # ----------------------------------------------------------------------------- CLI
 

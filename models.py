@@ -123,6 +123,17 @@ def ssf(dim: int, on: bool) -> nn.Module:
 
 
 @torch.no_grad()
+def fold_ssf(weight: torch.Tensor, bias: torch.Tensor | None, ssf_mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An op's (weight (out, ...), bias (out,) or None) with the SSF after it folded in:
+    s * (W x + b) + t = (s W) x + (s b + t). An nn.Identity in place of the SSF folds nothing."""
+    if not isinstance(ssf_mod, SSF):
+        return weight, bias if bias is not None else weight.new_zeros(weight.shape[0])
+    s, t = ssf_mod.scale, ssf_mod.shift
+    b = bias if bias is not None else torch.zeros_like(s)
+    return weight * s.view(-1, *[1] * (weight.dim() - 1)), b * s + t
+
+
+@torch.no_grad()
 def merge_ssf(model: nn.Module) -> nn.Module:
     """Fold every `<op>_ssf` into its sibling `<op>` (Linear, Conv2d or LayerNorm), in place."""
     for mod in list(model.modules()):
@@ -130,11 +141,12 @@ def merge_ssf(model: nn.Module) -> nn.Module:
             if not (name.endswith("_ssf") and isinstance(child, SSF)):
                 continue
             op = getattr(mod, name[:-4])
-            s, t = child.scale, child.shift
-            op.weight.mul_(s.view(-1, *[1] * (op.weight.dim() - 1)))
+            w, b = fold_ssf(op.weight, op.bias, child)
+            op.weight.copy_(w)
             if op.bias is None:
-                op.bias = nn.Parameter(torch.zeros_like(s), requires_grad=False)
-            op.bias.mul_(s).add_(t)
+                op.bias = nn.Parameter(b, requires_grad=False)
+            else:
+                op.bias.copy_(b)
             setattr(mod, name, nn.Identity())
     return model
 
