@@ -131,7 +131,7 @@ def test_replay_modes(tmp_path, monkeypatch, replay):
 
 def test_every_ablation_runs_over_seeds(tmp_path):
     from train import MASKING, summarize, train
-    cfg = tiny_train_cfg(tmp_path, methods=",".join(MASKING), seeds="0,1",
+    cfg = tiny_train_cfg(tmp_path, methods=",".join(MASKING), seeds="0,1", keep_text=0.8,
                          synth=D.SynthConfig(n_classes=4, train_per_class=4, test_per_class=2))
     results = train(cfg)
     n = len(MASKING)

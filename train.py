@@ -74,7 +74,8 @@ class Config:
     memory_per_class: float = 5.0           # budget in full exemplars' bytes per seen class
     memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
     keep_image: float = 0.3                 # share of image patches a masked exemplar keeps
-    keep_text: float = 0.8                  # share of caption tokens kept (special tokens always)
+    keep_text: float = 1.0                  # share of caption tokens kept (special tokens always); 1 = the text
+                                            # is stored whole: on short captions masking it cost accuracy
     image_mask: str = "feature"             # exmask's patch rule, one of IMAGE_MASKS (see image_keep); chosen
                                             # on validation rows of the real-image development set
     smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
@@ -344,11 +345,11 @@ def autocast(device: str):
 @torch.no_grad()
 def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor, rule: str, cfg: Config,
                gen: torch.Generator, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,
-               candidates: int = 8) -> torch.Tensor:
+               n_candidates: int = 8) -> torch.Tensor:
     """The patches a masked exemplar keeps: (n, K) indices, ascending. x (n, N, P) full samples on the
     device, ids (n, L), attn (n, N) the image pooling query's last-block attention row.
     Rules: "attn" top attention (smoothed over cfg.smooth_image); "spread" the top of each 2 x 2 region
-    first; "sample" drawn in proportion to attention; "class" / "feature" the best of `candidates`
+    first; "sample" drawn in proportion to attention; "class" / "feature" the best of `n_candidates`
     random masks by the adapted model's own score for the sample's class / by the cosine between the
     masked and the full image embedding; "paper" top raw attention; "random"; "object" the oracle."""
     n, N = x.shape[:2]
@@ -376,7 +377,7 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
         full = model.image(x, M.all_patches(x)).float()                               # (n, E)
         txt = model.text(ids.to(dev)) if model.use_text else None
         best, best_idx = torch.full((n,), -float("inf")), None
-        for _ in range(candidates):
+        for _ in range(n_candidates):
             idx = exmask.keep_top(exmask.random_scores((n, N), gen), K)               # (n, K)
             emb = model.image(M.gather_tokens(x, idx.to(dev)), idx.to(dev)).float()
             if rule == "class":
@@ -401,7 +402,7 @@ def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, metho
     dev, pad = cfg.device, model.cfg.text.pad_id
     img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
     img_mode = img_mode if model.use_image else None
-    txt_mode = txt_mode if model.use_text else None
+    txt_mode = txt_mode if model.use_text and cfg.keep_text < 1 else None   # whole text: no positions stored
     x = patches.to(dev)
     n, N = x.shape[:2]
     pidx = M.all_patches(x)
@@ -836,7 +837,8 @@ def main(argv=None) -> None:
     p.add_argument("--vit-file", default=c.vit_file, help="local weights file for --vit")
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
     p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches an exmask exemplar keeps")
-    p.add_argument("--keep-text", type=float, default=c.keep_text, help="share of caption tokens kept")
+    p.add_argument("--keep-text", type=float, default=c.keep_text,
+                   help="share of caption tokens a masked exemplar keeps (1 = whole; the paper's text mask: e.g. 0.8)")
     p.add_argument("--image-mask", default=c.image_mask, choices=IMAGE_MASKS,
                    help="how exmask picks the patches it keeps (paper-mask is the paper's plain rule)")
     p.add_argument("--val", type=float, default=c.val,
