@@ -185,9 +185,10 @@ def replay_cost(o: Opts) -> dict:
 
 
 def mask_precision(o: Opts) -> dict:
-    """How each patch rule's kept patches (30 %) relate to the object and to the full image, with the
-    default pretrained towers (cached, or pretrained once), on up to 400 *training* rows (never the
-    test rows) of the embedded data or of a manifest with object masks (--data, e.g. data.py icons):
+    """How the patches each rule keeps (train.Config's share) relate to the object and to the full
+    image, with the default pretrained towers (cached, or pretrained once), on up to 400 *training*
+    rows (never the test rows) of the embedded data or of a manifest with object masks (--data, e.g.
+    data.py icons):
     on_object: the share of kept patches that are at least half object; best possible: all object
     patches first. fidelity: the cosine between the image embedding of the kept patches and that of
     the full image (what a replayed exemplar looks like to the model, against the test images it

@@ -268,3 +268,23 @@ def test_herding_stops_at_the_quota_with_the_same_memory(tmp_path):
     assert [len(v) for v in cut.values()] == [len(v) for v in mem.classes.values()] and len(cut[0]) < len(all_[0])
     for c in cut:
         assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(cut[c], mem.classes[c]))
+
+
+def test_bench_mask_precision_on_a_manifest_with_masks(tmp_path, monkeypatch):
+    import json
+    import bench
+    import train as T
+    root = fake_theme_tree(str(tmp_path / "icons"))
+    path = D.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+                         min_themes=2, size=32, log=lambda *a: None)
+    cfg = tiny_train_cfg(tmp_path)
+    towers = T.backbone(cfg, "cpu", T.console(cfg))              # tiny towers instead of the default ones
+    monkeypatch.setattr(T, "default_backbone", lambda *a, **k: towers)
+    out = str(tmp_path / "bench.json")
+    bench.main(["--only", "mask_precision", "--data", path, "--threads", "1", "--out", out])
+    res = json.load(open(out))["results"]["mask_precision"]
+    assert res["rows"] == 24 and res["kept_patches"] == exmask.keep_count(16, T.Config().keep_image)  # train rows
+    assert set(res["rules"]) == {"paper", "attn", "spread", "sample", "feature", "random", "object"}
+    r = res["rules"]
+    assert r["object"]["on_object"] >= r["random"]["on_object"] and r["object"]["on_object"] > 0
+    assert r["feature"]["fidelity"] >= r["random"]["fidelity"] - 1e-6     # its first candidate is random's mask

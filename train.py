@@ -73,7 +73,8 @@ class Config:
     first_phase: int = 0                    # classes in the first phase; 0 = an even split
     memory_per_class: float = 5.0           # budget in full exemplars' bytes per seen class
     memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
-    keep_image: float = 0.3                 # share of image patches a masked exemplar keeps
+    keep_image: float = 0.2                 # share of image patches a masked exemplar keeps (chosen on validation
+                                            # rows of the real-image set: 20 % beat 30 % and 50 %)
     keep_text: float = 1.0                  # share of caption tokens kept (special tokens always); 1 = the text
                                             # is stored whole: on short captions masking it cost accuracy
     image_mask: str = "feature"             # exmask's patch rule, one of IMAGE_MASKS (see image_keep); chosen
