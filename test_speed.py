@@ -1,0 +1,116 @@
+"""Tests of the fast paths (issue #9): SSF folded on the fly, torch.compile, bench.model_speed.
+CPU only, tiny seeded configs. Run: python -m pytest -q test_speed.py"""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import models as M
+
+torch.set_num_threads(2)
+
+
+def tiny_cfg(pre_norm: bool = True, **kw) -> M.ModelConfig:
+    vit = M.ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=2, embed_dim=24)
+    txt = M.TextConfig(vocab_size=50, context=12, dim=32, depth=2, heads=2, embed_dim=24, pre_norm=pre_norm)
+    return replace(M.ModelConfig(vit=vit, text=txt, adapter="ssf"), **kw)
+
+
+def masked_batch(cfg: M.ModelConfig, B: int, K: int, seed: int = 0):
+    """K kept patches per image at random indices, captions of 9 tokens with 2 pads."""
+    g = torch.Generator().manual_seed(seed)
+    N, P = cfg.vit.n_patches, 3 * cfg.vit.patch_size ** 2
+    pixels = torch.randint(0, 256, (B, K, P), generator=g).to(torch.uint8)
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B)])   # (B, K)
+    ids = torch.randint(4, cfg.text.vocab_size, (B, 9), generator=g)
+    ids[:, -2:] = cfg.text.pad_id
+    pos = torch.arange(9).expand(B, -1)
+    return pixels, idx, ids, pos
+
+
+def ssf_model(cfg: M.ModelConfig) -> M.TwoTower:
+    """Frozen backbone, SSF scales and shifts far from the identity."""
+    torch.manual_seed(0)
+    m = M.TwoTower(cfg, n_classes=5)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("_ssf.scale"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+            elif n.endswith("_ssf.shift"):
+                p.copy_(0.2 * torch.randn_like(p))
+    m.freeze_backbone()
+    return m
+
+
+def plain_with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The reference: op, then x * scale + shift, unfolded."""
+    y = F.linear(x, op.weight.flatten(1), op.bias) if isinstance(op, nn.Conv2d) else op(x)
+    return y * s.scale + s.shift if isinstance(s, M.SSF) else s(y)
+
+
+@pytest.mark.parametrize("fold_training", [False, True])
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_ssf_fast_path_matches_the_plain_formula(monkeypatch, fold_training, pre_norm):
+    """Both towers (pre-norm, and the BERT post-norm layout), forward and backward: the logits and
+    every SSF gradient equal those of x * scale + shift after each op, in fp32."""
+    cfg = tiny_cfg(pre_norm)
+    m = ssf_model(cfg)
+    batch = masked_batch(cfg, B=3, K=7)
+    y = torch.tensor([0, 3, 4])
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        logits = m.forward_tokens(*batch)
+        F.cross_entropy(logits, y).backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if "_ssf." in n}
+        with torch.no_grad():   # inference folds every Linear's SSF into its weights
+            return logits.detach(), grads, m.forward_tokens(*batch)
+
+    monkeypatch.setattr(M, "SSF_FOLD_TRAINING", fold_training)
+    fast, fast_grads, fast_inf = run()
+    monkeypatch.setattr(M, "with_ssf", plain_with_ssf)
+    ref, ref_grads, ref_inf = run()
+    assert len(ref_grads) == len(fast_grads) > 20 and all(g.abs().max() > 0 for g in ref_grads.values())
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_inf, ref, atol=1e-5, rtol=1e-5)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(fast_grads[n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_ssf_keeps_the_activation_dtype_under_autocast():
+    """Under bf16 autocast a trained SSF after a Linear gives bf16 (fp32 parameters must not promote
+    the activation to fp32); the gradients still reach the fp32 parameters."""
+    torch.manual_seed(0)
+    lin, s = nn.Linear(8, 16), M.SSF(16)
+    lin.requires_grad_(False)
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = M.with_ssf(lin, s, x)                        # the training path: addcmul after the Linear
+        with torch.no_grad():
+            y_inf = M.with_ssf(lin, s, x)                # the inference path: folded into the weight
+    assert y.dtype == y_inf.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert s.scale.grad.dtype == torch.float32 and s.scale.grad.abs().max() > 0
+
+def train_step_flops(m: M.TwoTower) -> int:
+    batch = masked_batch(m.cfg, B=2, K=16)
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(m.forward_tokens(*batch), torch.tensor([0, 1])).backward()
+    return fc.get_total_flops()
+
+
+def test_ssf_train_step_adds_no_matmul(monkeypatch):
+    """Frozen backbone: an SSF step costs the matmul FLOPs of timm's LayerNorm-only step (forward and
+    input gradients), not more. Folding the SSF into the Linear's weight while it trains would add a
+    weight-gradient matmul per Linear (+50 % over the blocks), which is why with_ssf does not."""
+    torch.manual_seed(0)
+    ln_only = M.TwoTower(tiny_cfg(adapter="none"), 5)
+    for n, p in ln_only.named_parameters():
+        p.requires_grad = n.startswith("head.") or ".norm" in n or n.startswith(("image.norm", "text.norm"))
+    want = train_step_flops(ln_only)
+    assert train_step_flops(ssf_model(tiny_cfg())) == want
+    monkeypatch.setattr(M, "SSF_FOLD_TRAINING", True)
+    assert train_step_flops(ssf_model(tiny_cfg())) > 1.3 * want
