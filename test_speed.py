@@ -1,5 +1,6 @@
 """Tests of the fast paths (issue #9): SSF folded on the fly, torch.compile, bench.model_speed.
 CPU only, tiny seeded configs. Run: python -m pytest -q test_speed.py"""
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -114,3 +115,52 @@ def test_ssf_train_step_adds_no_matmul(monkeypatch):
     assert train_step_flops(ssf_model(tiny_cfg())) == want
     monkeypatch.setattr(M, "SSF_FOLD_TRAINING", True)
     assert train_step_flops(ssf_model(tiny_cfg())) > 1.3 * want
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def has_compiler() -> bool:
+    """Inductor on the CPU writes C++; without a compiler torch.compile cannot run here."""
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not has_compiler(), reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+def test_compiled_masked_step_equals_eager():
+    """forward_tokens compiled with dynamic shapes, as train.py --compile does: masked batches with
+    different numbers of kept patches and the full batch give eager's logits and SSF gradients."""
+    cfg = tiny_cfg()
+    cfg = replace(cfg, vit=replace(cfg.vit, depth=1), text=replace(cfg.text, depth=1))
+    m = ssf_model(cfg)
+    compiled = torch.compile(m.forward_tokens, dynamic=True)
+    for B, K in ((3, 5), (4, 9), (3, cfg.vit.n_patches)):
+        batch = masked_batch(cfg, B, K, seed=K)
+        y = torch.arange(B) % 5
+        out = {}
+        for name, fn in (("eager", m.forward_tokens), ("compiled", compiled)):
+            m.zero_grad(set_to_none=True)
+            logits = fn(*batch)
+            F.cross_entropy(logits, y).backward()
+            out[name] = logits.detach(), [p.grad.clone() for n, p in m.named_parameters() if "_ssf." in n]
+        torch.testing.assert_close(out["compiled"][0], out["eager"][0], atol=1e-5, rtol=1e-5)
+        for g, want in zip(out["compiled"][1], out["eager"][1]):
+            torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4)
+
+
+def test_train_compile_flag_compiles_the_training_forward(tmp_path, monkeypatch):
+    """--compile reaches Config.compile, and train() then runs forward_tokens through torch.compile
+    with dynamic shapes (recorded here, not compiled: the test above checks the compiled numbers)."""
+    import train as T
+    from test_exmask import tiny_train_cfg
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    T.main(["--compile", "--out", str(tmp_path / "o")])
+    assert seen["cfg"].compile and not T.Config().compile
+    monkeypatch.undo()
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append((fn.__name__, kw))
+        return fn
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    T.train(tiny_train_cfg(tmp_path, compile=True, phases=1))
+    assert calls == [("forward_tokens", {"dynamic": True})]
