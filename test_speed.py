@@ -164,3 +164,41 @@ def test_train_compile_flag_compiles_the_training_forward(tmp_path, monkeypatch)
     monkeypatch.setattr(torch, "compile", fake_compile)
     T.train(tiny_train_cfg(tmp_path, compile=True, phases=1))
     assert calls == [("forward_tokens", {"dynamic": True})]
+
+
+# ----------------------------------------------------------------------------- bench.py model_speed
+
+def test_vit_flops_counts_the_matmuls_of_a_forward_and_a_frozen_backbone_step():
+    """bench.vit_flops, the yardstick of the matmul-rate limit, equals PyTorch's FLOP counter on
+    timm's ViT (attention as explicit matmuls): a forward, and a step training only LayerNorms + head."""
+    import timm
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import bench
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32, depth=2)
+    for n, p in ref.named_parameters():
+        p.requires_grad = ".norm" in n or n.startswith(("norm.", "head."))
+    x = torch.randn(1, 3, 32, 32)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
+        ref(x)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
+        ref(x).sum().backward()
+    assert bench.vit_flops(M.vit_config_from_timm(ref), 4, 7) == (fwd.get_total_flops(), step.get_total_flops())
+
+
+def test_bench_model_speed_smoke(monkeypatch, tmp_path):
+    """model_speed on a 2-block ViT at 32 px: every row measured, ours equals timm, JSON written."""
+    import json
+
+    import bench
+    monkeypatch.setitem(bench.SPEED_VITS, "cpu", ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}))
+    out = tmp_path / "bench.json"
+    bench.main(["--only", "model_speed", "--batch", "4", "--steps", "1", "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())["results"]["model_speed"]
+    rows = {r["name"]: r for r in res["rows"]}
+    assert {"infer timm", "infer ours", "step timm LN", "step ours SSF", "step ours SSF fold", "step ours prompt",
+            "step ours SSF keep 25%"} <= set(rows)
+    assert all(r["img_s"] > 0 and 0 < r["share_of_limit"] < 2 for r in rows.values())
+    assert rows["step ours SSF keep 25%"]["patches"] == 1 and rows["step ours SSF keep 25%"]["vs"] == "step ours SSF"
+    assert res["max_abs_diff_ours_vs_timm"] < 1e-4 and res["device_name"] is None and res["matmul"]["tflops"] > 0
