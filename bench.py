@@ -58,8 +58,12 @@ def machine() -> dict:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    import onnxruntime as ort
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+    try:   # model_speed needs no onnxruntime: a GPU box without it still runs it
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "onnxruntime": ort.__version__ if ort else None,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
