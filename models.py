@@ -476,6 +476,15 @@ class TwoTower(nn.Module):
                 if not (k.startswith("head.") or "_ssf." in k or ".prompt" in k)}
 
 
+def compile_towers(model: TwoTower) -> None:
+    """torch.compile each tower's forward in place, with dynamic shapes (kept patches and caption
+    lengths vary from batch to batch). The towers, not forward_tokens: the head grows every phase,
+    and each new head would recompile the whole model (dynamo gives up after 8 and runs eager).
+    The state dict keeps its names."""
+    for tower in (model.image, model.text):
+        tower.forward = torch.compile(tower.forward, dynamic=True)
+
+
 # ----------------------------------------------------------------------------- real weights
 
 def load_timm_vit(vit: ViT, state: dict) -> None:

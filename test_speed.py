@@ -126,19 +126,21 @@ def has_compiler() -> bool:
 
 @pytest.mark.skipif(not has_compiler(), reason="torch.compile (inductor) needs a C++ compiler on the CPU")
 def test_compiled_masked_step_equals_eager():
-    """forward_tokens compiled with dynamic shapes, as train.py --compile does: masked batches with
-    different numbers of kept patches and the full batch give eager's logits and SSF gradients."""
+    """The towers compiled with dynamic shapes, as train.py --compile does (models.compile_towers):
+    masked batches with different numbers of kept patches, and the full batch, give eager's logits
+    and SSF gradients; the state dict keeps its names."""
     cfg = tiny_cfg()
     cfg = replace(cfg, vit=replace(cfg.vit, depth=1), text=replace(cfg.text, depth=1))
-    m = ssf_model(cfg)
-    compiled = torch.compile(m.forward_tokens, dynamic=True)
+    models = {"eager": ssf_model(cfg), "compiled": ssf_model(cfg)}
+    M.compile_towers(models["compiled"])
+    assert models["compiled"].state_dict().keys() == models["eager"].state_dict().keys()
     for B, K in ((3, 5), (4, 9), (3, cfg.vit.n_patches)):
         batch = masked_batch(cfg, B, K, seed=K)
         y = torch.arange(B) % 5
         out = {}
-        for name, fn in (("eager", m.forward_tokens), ("compiled", compiled)):
+        for name, m in models.items():
             m.zero_grad(set_to_none=True)
-            logits = fn(*batch)
+            logits = m.forward_tokens(*batch)
             F.cross_entropy(logits, y).backward()
             out[name] = logits.detach(), [p.grad.clone() for n, p in m.named_parameters() if "_ssf." in n]
         torch.testing.assert_close(out["compiled"][0], out["eager"][0], atol=1e-5, rtol=1e-5)
@@ -147,7 +149,7 @@ def test_compiled_masked_step_equals_eager():
 
 
 def test_train_compile_flag_compiles_the_training_forward(tmp_path, monkeypatch):
-    """--compile reaches Config.compile, and train() then runs forward_tokens through torch.compile
+    """--compile reaches Config.compile, and train() then runs both towers through torch.compile
     with dynamic shapes (recorded here, not compiled: the test above checks the compiled numbers)."""
     import train as T
     from test_exmask import tiny_train_cfg
@@ -163,7 +165,7 @@ def test_train_compile_flag_compiles_the_training_forward(tmp_path, monkeypatch)
         return fn
     monkeypatch.setattr(torch, "compile", fake_compile)
     T.train(tiny_train_cfg(tmp_path, compile=True, phases=1))
-    assert calls == [("forward_tokens", {"dynamic": True})]
+    assert calls == [("forward", {"dynamic": True})] * 2
 
 
 # ----------------------------------------------------------------------------- bench.py model_speed

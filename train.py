@@ -85,7 +85,7 @@ class Config:
     out: str = ""                           # "" = runs/<data name>
     resume: bool = False
     export: bool = True                     # write model.onnx at the end (export.py)
-    compile: bool = False                   # torch.compile the training forward (model.forward_tokens)
+    compile: bool = False                   # torch.compile the towers' forward (models.compile_towers)
     model: M.ModelConfig = field(default_factory=M.ModelConfig)
     synth: D.SynthConfig = field(default_factory=D.SynthConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -448,8 +448,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         raise ValueError(f"backbone lacks {sorted(missing)[:5]}")
     model.load_state_dict(backbone, strict=False)
     model.freeze_backbone()
-    if cfg.compile:   # dynamic shapes: kept patches and caption lengths vary from batch to batch
-        model.forward_tokens = torch.compile(model.forward_tokens, dynamic=True)
+    if cfg.compile:
+        M.compile_towers(model)
     unit = exmask.full_bytes(mcfg.vit.n_patches, data["patches"].shape[-1], mcfg.text.context, mcfg.text.vocab_size)
     memory = (Memory(unlimited=True) if method == "joint" else
               Memory(total_bytes=cfg.memory_bytes) if cfg.memory_bytes else
@@ -746,7 +746,7 @@ def main(argv=None) -> None:
     p.add_argument("--adapter", default=c.model.adapter, choices=["ssf", "prompt", "none"])
     p.add_argument("--modalities", default=c.model.modalities, choices=["image,text", "image", "text"])
     p.add_argument("--no-export", action="store_true", help="do not write model.onnx at the end")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the towers (models.compile_towers)")
     p.add_argument("--vit", default=c.vit, help="timm ViT name whose pretrained weights replace the default image tower")
     p.add_argument("--vit-file", default=c.vit_file, help="local weights file for --vit")
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
