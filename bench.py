@@ -49,6 +49,7 @@ class Opts:
     steps: int = 0         # model_speed: timed calls per row after the warmup (0 = 10 on cuda, 3 on cpu)
     compile: bool = False  # model_speed: also the training steps under torch.compile(dynamic=True)
     vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
+    data: str = ""         # mask_precision: a manifest with object masks; "" = the embedded data
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -242,34 +243,45 @@ def replay_cost(o: Opts) -> dict:
 
 
 def mask_precision(o: Opts) -> dict:
-    """How well the image mask finds the object: of the patches exmask keeps (30 %), the share that
-    overlaps the object, on 400 embedded samples, with the default pretrained towers (cached, or
-    pretrained once): raw last-block attention, attention smoothed as exmask does by default
-    (train.Config.smooth_image), random patches, and the best possible (all object patches first).
-    The embedded generator knows each object's box."""
+    """How each patch rule's kept patches (30 %) relate to the object and to the full image, with the
+    default pretrained towers (cached, or pretrained once), on up to 400 *training* rows (never the
+    test rows) of the embedded data or of a manifest with object masks (--data, e.g. data.py icons):
+    on_object: the share of kept patches that are at least half object; best possible: all object
+    patches first. fidelity: the cosine between the image embedding of the kept patches and that of
+    the full image (what a replayed exemplar looks like to the model, against the test images it
+    will meet). Rules as in train.image_keep; "class" needs a trained head and is left out."""
     import data as D
     import exmask
-    from train import Config, console, default_backbone
+    from train import Config, console, default_backbone, image_keep, read_data
     torch.set_num_threads(o.threads or torch.get_num_threads())
-    cfg = Config(quiet=True)
+    cfg = Config(quiet=True, data=o.data, device="cpu")
     mcfg, state, _ = default_backbone(cfg, "cpu", console(cfg))
     model = M.TwoTower(mcfg, 1).eval()
     model.load_state_dict(state, strict=False)
-    d = D.make_synth(D.SynthConfig(n_classes=20))
-    images, boxes = d["images"][:400], d["boxes"][:400]
-    p, g = mcfg.vit.patch_size, mcfg.vit.grid
-    y0 = torch.arange(g).repeat_interleave(g) * p                        # (N,) patch top
-    x0 = torch.arange(g).repeat(g) * p                                   # (N,) patch left
-    top, left, side = boxes[:, :1], boxes[:, 1:2], boxes[:, 2:3]
-    on_obj = ((y0 + p > top) & (y0 < top + side) & (x0 + p > left) & (x0 < left + side)).float()  # (n, N)
-    K = exmask.keep_count(g * g, 0.3)
+    raw = read_data(cfg, mcfg.vit.image_size)
+    if "objects" not in raw:
+        raise SystemExit(f"error: {o.data} has no object masks (a `mask` column)")
+    rows = raw["is_train"].nonzero().flatten()
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:400]]
+    p = mcfg.vit.patch_size
+    x = M.patchify(raw["images"][rows], p)                                          # (n, N, 3*p*p)
+    obj = M.patchify(raw["objects"][rows][:, None], p).float().mean(-1) / 255         # (n, N)
+    on_obj = (obj >= 0.5).float()
+    ids = torch.zeros(len(rows), 2, dtype=torch.long)                                # the image rules ignore text
+    N = x.shape[1]
+    K = exmask.keep_count(N, cfg.keep_image)
+    res = {"data": o.data or "embedded", "rows": len(rows), "kept_patches": K,
+           "object_share_of_patches": on_obj.mean().item(), "rules": {}}
     with torch.no_grad():
-        _, (row, _) = model.image.forward_images(images.float(), aux=True)
-    hit = lambda s: on_obj.gather(1, exmask.keep_top(s, K)).mean().item()
-    return {"kept_patches": K, "object_share_of_patches": on_obj.mean().item(),
-            "attention": hit(row), "attention_smoothed": hit(exmask.smooth_scores(row, g, cfg.smooth_image)),
-            "random": hit(torch.rand(row.shape, generator=torch.Generator().manual_seed(0))),
-            "best_possible": hit(on_obj + 1e-3 * torch.rand(on_obj.shape))}
+        full, (row, _) = model.image(x, M.all_patches(x), aux=True)
+        for rule in ("paper", "attn", "spread", "sample", "feature", "random", "object"):
+            gen = torch.Generator().manual_seed(0)
+            idx = image_keep(model, x, ids, row, rule, cfg, gen, objects=obj)
+            emb = model.image(M.gather_tokens(x, idx), idx)
+            res["rules"][rule] = {"on_object": on_obj.gather(1, idx).mean().item(),
+                                  "fidelity": torch.nn.functional.cosine_similarity(emb, full, dim=-1).mean().item()}
+    res["best_possible_on_object"] = res["rules"]["object"]["on_object"]
+    return res
 
 
 # model_speed's timm ViT per device: ViT-B/16 at 224 px on cuda; a ViT-Ti/16 at 112 px on cpu (a minute)
@@ -463,6 +475,12 @@ def show(name: str, res: dict) -> None:
     elif name == "model_speed":
         print(f"  (vs: img/s over the row named in the JSON's 'vs'; share: of the matmul-rate limit; "
               f"ours vs timm max |diff| {res['max_abs_diff_ours_vs_timm']:.1e})")
+    elif name == "mask_precision":
+        print(f"mask_precision ({res['data']}, {res['rows']} training rows, {res['kept_patches']} patches kept; "
+              f"{100 * res['object_share_of_patches']:.0f} % of all patches are object)")
+        print(f"  {'rule':>8} {'on object':>10} {'fidelity':>9}")
+        for rule, r in res["rules"].items():
+            print(f"  {rule:>8} {100 * r['on_object']:>9.1f}% {r['fidelity']:>9.3f}")
     else:
         print(name, json.dumps(res, indent=1))
 
@@ -481,9 +499,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=o.steps, help="model_speed: timed calls per row (0 = 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true", help="model_speed: also the compiled training steps")
     p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
+    p.add_argument("--data", default=o.data, help="mask_precision: a manifest with object masks (default: embedded)")
     a = p.parse_args(argv)
     opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, device=a.device, batch=a.batch,
-                steps=a.steps, compile=a.compile, vit=a.vit)
+                steps=a.steps, compile=a.compile, vit=a.vit, data=a.data)
     report = {"results": {}}
     if os.path.exists(a.out):
         with open(a.out) as f:

@@ -7,6 +7,7 @@ Bytes used never exceed the budget.
 """
 from __future__ import annotations
 
+import itertools
 import random
 
 import torch
@@ -14,19 +15,25 @@ import torch
 import exmask
 
 
-def herding(feats: torch.Tensor, m: int) -> list[int]:
-    """iCaRL herding: feats (n, F) -> m indices whose running mean best tracks the class mean."""
+def herd(feats: torch.Tensor):
+    """iCaRL herding, lazily: feats (n, F) -> yields indices, each the one that brings the running
+    mean of those chosen closest to the class mean. Stop when the budget is full: the cost is one
+    pass over the class per exemplar taken, not per sample."""
     f = torch.nn.functional.normalize(feats.float(), dim=1)
     mu = f.mean(0)
-    chosen, acc = [], torch.zeros_like(mu)
+    acc = torch.zeros_like(mu)
     avail = torch.ones(len(f), dtype=torch.bool)
-    for k in range(1, min(m, len(f)) + 1):
+    for k in range(1, len(f) + 1):
         dist = ((mu - (acc + f) / k) ** 2).sum(1).masked_fill(~avail, float("inf"))
         i = int(dist.argmin())
-        chosen.append(i)
         avail[i] = False
         acc += f[i]
-    return chosen
+        yield i
+
+
+def herding(feats: torch.Tensor, m: int) -> list[int]:
+    """The first m indices of herd(feats)."""
+    return list(itertools.islice(herd(feats), m))
 
 
 class Memory:
@@ -94,27 +101,27 @@ class Memory:
         n = max(len(flat), 1)
         return {"budget_bytes": self.budget(), "bytes_used": self.bytes_used(), "exemplars": len(flat),
                 "exemplars_per_class": len(flat) / max(len(self.classes), 1),
-                "mean_kept_patches": sum(ex["pixels"].shape[0] for ex in flat) / n,
-                "mean_kept_tokens": sum(len(ex["ids"]) for ex in flat) / n}
+                "mean_kept_patches": sum(ex["pixels"].shape[0] for ex in flat if "pixels" in ex) / n,
+                "mean_kept_tokens": sum(len(ex["ids"]) for ex in flat if "ids" in ex) / n}
 
     # --- checkpoint: tensors and plain values only
     def state_dict(self) -> dict:
         sd = {"per_class_bytes": self.per_class_bytes, "total_bytes": self.total_bytes,
               "unlimited": self.unlimited, "classes": list(self.classes), "counts": [len(v) for v in self.classes.values()]}
         flat = self.items()
-        for key in ("label", "pixels", "patch_idx", "ids", "pos"):
+        for key in ("label", "pixels", "patch_bits", "ids", "pos_bits"):
             have = [ex[key] for ex in flat if key in ex]
             if have:
                 sd[key] = torch.cat([t.reshape(-1) for t in have])
                 sd[key + "_len"] = torch.tensor([t.numel() for t in have])
-        if flat:
+        if flat and "pixels" in flat[0]:
             sd["pixel_dim"] = flat[0]["pixels"].shape[-1]
         return sd
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "Memory":
         mem = cls(sd["per_class_bytes"], sd["total_bytes"], sd["unlimited"])
-        parts = {k: list(sd[k].split(sd[k + "_len"].tolist())) for k in ("label", "pixels", "patch_idx", "ids", "pos")
+        parts = {k: list(sd[k].split(sd[k + "_len"].tolist())) for k in ("label", "pixels", "patch_bits", "ids", "pos_bits")
                  if k in sd}
         i = 0
         for c, n in zip(sd["classes"], sd["counts"]):
@@ -122,7 +129,8 @@ class Memory:
             for _ in range(n):
                 ex = {k: v[i] for k, v in parts.items()}
                 ex["label"] = ex["label"].reshape(())
-                ex["pixels"] = ex["pixels"].reshape(-1, sd["pixel_dim"])
+                if "pixels" in ex:
+                    ex["pixels"] = ex["pixels"].reshape(-1, sd["pixel_dim"])
                 items.append(ex)
                 i += 1
             mem.classes[c] = items

@@ -464,8 +464,9 @@ class TwoTower(nn.Module):
     # --- parameter groups
     def freeze_backbone(self) -> None:
         """Train only the adapters and the head."""
-        for n, p in self.named_parameters():
-            p.requires_grad = n.startswith("head.") or "_ssf." in n or ".prompt" in n
+        unused = tuple(t for t, use in (("image.", self.use_image), ("text.", self.use_text)) if not use)
+        for n, p in self.named_parameters():   # an unused tower's adapters never train
+            p.requires_grad = (n.startswith("head.") or "_ssf." in n or ".prompt" in n) and not n.startswith(unused or "\0")
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -311,7 +311,13 @@ def test_byte_count_is_exact():
     assert exmask.nbytes(ex) == 16 * 48 + 4 * 2 + 2          # pixels, 4 int16 token ids, int16 label
     masked = exmask.encode(torch.zeros(16, 48, dtype=torch.uint8), torch.tensor([2, 7, 9, 3, 0, 0]), 3, 200, 0,
                            idx=torch.tensor([1, 5]), keep=torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool))
-    assert exmask.nbytes(masked) == 2 * 48 + 2 + 3 + 3 + 2    # uint8 ids and positions, uint8 patch idx
+    assert exmask.nbytes(masked) == 2 * 48 + 2 + 3 + 1 + 2    # 16 patch bits, 3 uint8 ids, 6 position bits
+    assert exmask.unpack_bits(masked["patch_bits"]).tolist() == [1, 5]
+    assert exmask.unpack_bits(masked["pos_bits"]).tolist() == [0, 2, 3]
+    for n in (1, 7, 8, 9, 64, 197):
+        m = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.4
+        assert len(exmask.pack_bits(m)) == -(-n // 8)
+        assert exmask.unpack_bits(exmask.pack_bits(m)).tolist() == m.nonzero().flatten().tolist()
     assert exmask.int_dtype(256) == torch.uint8 and exmask.int_dtype(30522) == torch.int16
     assert exmask.int_dtype(60000) == torch.uint16
 
@@ -413,7 +419,7 @@ def test_masked_exemplar_round_trip_replays_at_original_positions():
     keep = torch.zeros(cfg.text.context, dtype=torch.bool)
     keep[[0, 2, 4, 6]] = True                                           # caption 1 has 7 tokens: 0..6
     ex = exmask.encode(patches[1], ids[1], 2, cfg.text.vocab_size, cfg.text.pad_id, idx=idx, keep=keep)
-    assert ex["pixels"].shape == (4, patches.shape[-1]) and ex["pos"].tolist() == [0, 2, 4, 6]
+    assert ex["pixels"].shape == (4, patches.shape[-1]) and exmask.unpack_bits(ex["pos_bits"]).tolist() == [0, 2, 4, 6]
     b = exmask.collate([ex], cfg.text.pad_id)
     got = model.forward_tokens(b["pixels"], b["patch_idx"], b["ids"], b["pos"])
     want = model.forward_tokens(patches[1:2, idx].float(), idx[None], ids[1:2, [0, 2, 4, 6]], torch.tensor([[0, 2, 4, 6]]))

@@ -28,19 +28,25 @@ import torch.nn.functional as F
 import data as D
 import exmask
 import models as M
-from memory import Memory, herding
+from memory import Memory, herd
 
-# exmask and its ablations: (image scores, text scores, cross-modal context term, mixup replay).
-# "attn": pooling-query attention; "random": same shares kept at random; None: kept whole.
+# exmask and its ablations: (image mask, text mask, cross-modal context term). Image masks:
+# "model": the rule Config.image_mask names, from the model's own signals; "attn": the paper's plain
+# rule, the top of the raw pooling-query attention row; "random": the same share kept at random;
+# "object": the true object mask (an oracle, where the data has masks); None: kept whole.
+# Text masks: "attn" (pooling attention, plus the context term where on), "random", None.
 MASKING = {
-    "exmask": ("attn", "attn", True, True),
-    "random-mask": ("random", "random", False, True),
-    "image-mask": ("attn", None, False, True),
-    "text-mask": (None, "attn", False, True),
-    "no-context": ("attn", "attn", False, True),
-    "no-mixup": ("attn", "attn", True, False),
+    "exmask": ("model", "attn", True),
+    "paper-mask": ("attn", "attn", True),
+    "random-mask": ("random", "random", False),
+    "oracle-mask": ("object", "attn", True),
+    "image-mask": ("model", None, False),
+    "text-mask": (None, "attn", False),
+    "no-context": ("model", "attn", False),
 }
 METHODS = ("finetune", "replay", "joint", *MASKING)
+# Config.image_mask: how exmask picks the patches it keeps (see image_keep)
+IMAGE_MASKS = ("attn", "spread", "sample", "class", "feature", "random")
 
 
 @dataclass
@@ -69,6 +75,8 @@ class Config:
     memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
     keep_image: float = 0.3                 # share of image patches a masked exemplar keeps
     keep_text: float = 0.8                  # share of caption tokens kept (special tokens always)
+    image_mask: str = "feature"             # exmask's patch rule, one of IMAGE_MASKS (see image_keep); chosen
+                                            # on validation rows of the real-image development set
     smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
     recombine: float = 0.0                  # share of replayed exemplars given a same-class partner's text
@@ -76,6 +84,8 @@ class Config:
     mask_new: float = 0.0                   # share of new samples also shown masked (exmask family)
     replay: str = "epoch"                   # "epoch": every exemplar once per epoch beside the new data (iCaRL);
                                             # "batch": a batch of batch_size exemplars drawn each step
+    val: float = 0.0                        # > 0: carve this share of each class's training rows as a validation
+                                            # split and report on it instead of the test rows (to choose settings)
     seed: int = 0
     seeds: str = ""                         # e.g. "0,1,2": every method once per seed, reported as mean ± std
     epochs: int = 3
@@ -106,6 +116,10 @@ class Config:
             raise ValueError("the memory budget must be positive (--memory-per-class or --memory-bytes)")
         if self.smooth_image < 1 or self.smooth_image % 2 == 0:
             raise ValueError(f"smooth_image must be an odd number of patches (1 = off), got {self.smooth_image}")
+        if self.image_mask not in IMAGE_MASKS:
+            raise ValueError(f"image_mask must be one of {', '.join(IMAGE_MASKS)}, got {self.image_mask!r}")
+        if not 0 <= self.val < 1:
+            raise ValueError(f"val is a share of the training rows and must lie in [0, 1), got {self.val}")
         if self.replay not in ("epoch", "batch"):
             raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1:
@@ -201,7 +215,7 @@ def default_backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict
         t0 = time.time()
         state, tok = pretrain(cfg.model, cfg.pretrain, device, con)
         os.makedirs(cache, exist_ok=True)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"        # processes side by side never share a temporary file
         torch.save({"state": {k: v.cpu() for k, v in state.items()},
                     "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)}, tmp)
         os.replace(tmp, path)  # never a half-written cache file
@@ -262,10 +276,16 @@ def backbone(cfg: Config, device: str, con) -> tuple[M.ModelConfig, dict, object
 
 def read_data(cfg: Config, image_size: int) -> dict:
     if cfg.data:
-        return D.read_manifest(cfg.data, image_size, seed=cfg.seed)
-    if image_size != cfg.synth.image_size:
+        raw = D.read_manifest(cfg.data, image_size)    # the split never depends on the run's seed
+    elif image_size != cfg.synth.image_size:
         raise SystemExit(f"error: the embedded data is {cfg.synth.image_size}px; a {image_size}px tower needs --data")
-    return D.make_synth(cfg.synth)
+    else:
+        raw = D.make_synth(cfg.synth)
+    raw["is_train"] = ~raw["is_test"]
+    if cfg.val > 0:   # choose settings here: the test rows are never looked at
+        val = D.carve_validation(raw["labels"], raw["is_test"], cfg.val)
+        raw["is_train"], raw["is_test"] = raw["is_train"] & ~val, val
+    return raw
 
 
 def prepare(raw: dict, cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
@@ -274,10 +294,14 @@ def prepare(raw: dict, cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
     order = D.class_order(C, cfg.seed)
     remap = torch.empty(C, dtype=torch.long)
     remap[torch.tensor(order)] = torch.arange(C)
-    return {"patches": M.patchify(raw["images"], mcfg.vit.patch_size),      # (N, n_patches, 3*p*p) uint8
-            "ids": D.encode_texts(tok, raw["texts"], mcfg.text.context),     # (N, context)
-            "labels": remap[raw["labels"]], "is_test": raw["is_test"], "texts": raw["texts"],
-            "class_names": [raw["class_names"][c] for c in order]}          # index i = label i
+    p = mcfg.vit.patch_size
+    out = {"patches": M.patchify(raw["images"], p),                          # (N, n_patches, 3*p*p) uint8
+           "ids": D.encode_texts(tok, raw["texts"], mcfg.text.context),     # (N, context)
+           "labels": remap[raw["labels"]], "is_test": raw["is_test"], "is_train": raw["is_train"],
+           "texts": raw["texts"], "class_names": [raw["class_names"][c] for c in order]}  # index i = label i
+    if "objects" in raw:   # each patch's object share (N, n_patches), for the oracle masks
+        out["objects"] = M.patchify(raw["objects"][:, None], p).float().mean(-1) / 255
+    return out
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -319,14 +343,64 @@ def autocast(device: str):
 # ----------------------------------------------------------------------------- memory
 
 @torch.no_grad()
+def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor, rule: str, cfg: Config,
+               gen: torch.Generator, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,
+               candidates: int = 8) -> torch.Tensor:
+    """The patches a masked exemplar keeps: (n, K) indices, ascending. x (n, N, P) full samples on the
+    device, ids (n, L), attn (n, N) the image pooling query's last-block attention row.
+    Rules: "attn" top attention (smoothed over cfg.smooth_image); "spread" the top of each 2 x 2 region
+    first; "sample" drawn in proportion to attention; "class" / "feature" the best of `candidates`
+    random masks by the adapted model's own score for the sample's class / by the cosine between the
+    masked and the full image embedding; "paper" top raw attention; "random"; "object" the oracle."""
+    n, N = x.shape[:2]
+    K = exmask.keep_count(N, cfg.keep_image)
+    g = model.cfg.vit.grid
+    a = attn.float().cpu()
+    if rule == "random":
+        return exmask.keep_top(exmask.random_scores((n, N), gen), K)
+    if rule == "object":
+        if objects is None:
+            raise SystemExit("error: oracle-mask needs object masks: a manifest `mask` column (data.py icons writes one)")
+        return exmask.keep_top(objects + 1e-3 * exmask.random_scores((n, N), gen), K)
+    if rule == "paper":
+        return exmask.keep_top(a, K)
+    a = exmask.smooth_scores(a, g, cfg.smooth_image)
+    if rule == "attn":
+        return exmask.keep_top(a, K)
+    if rule == "spread":
+        return exmask.keep_top(exmask.spread_scores(a, g) if g % 2 == 0 else a, K)
+    if rule == "sample":
+        return exmask.keep_top(exmask.sample_scores(a, gen), K)
+    # "class" / "feature": the best of several random masks by the model's own judgement
+    dev = x.device
+    with autocast(cfg.device):
+        full = model.image(x, M.all_patches(x)).float()                               # (n, E)
+        txt = model.text(ids.to(dev)) if model.use_text else None
+        best, best_idx = torch.full((n,), -float("inf")), None
+        for _ in range(candidates):
+            idx = exmask.keep_top(exmask.random_scores((n, N), gen), K)               # (n, K)
+            emb = model.image(M.gather_tokens(x, idx.to(dev)), idx.to(dev)).float()
+            if rule == "class":
+                s = model.classify(emb, txt).float().log_softmax(-1).gather(1, labels.to(dev)[:, None])[:, 0]
+            else:
+                s = F.cosine_similarity(emb, full, dim=-1)
+            s = s.cpu()
+            better = s > best
+            best = torch.where(better, s, best)
+            best_idx = idx if best_idx is None else torch.where(better[:, None], idx, best_idx)
+    return best_idx
+
+
+@torch.no_grad()
 def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, method: str, cfg: Config,
-              gen: torch.Generator) -> dict:
+              gen: torch.Generator, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None) -> dict:
     """What a masked exemplar keeps, for a batch of full samples (method from MASKING):
     feats (n, F), keep_idx (n, K) kept patch indices or None, keep (n, L) kept tokens or None,
-    attn (n, N) the image attention row or None."""
+    attn (n, N) the image attention row or None. labels (n,) and objects (n, N) serve the
+    class-score and oracle rules."""
     model.eval()
     dev, pad = cfg.device, model.cfg.text.pad_id
-    img_mode, txt_mode, context, _ = MASKING.get(method, (None, None, False, False))
+    img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
     img_mode = img_mode if model.use_image else None
     txt_mode = txt_mode if model.use_text else None
     x = patches.to(dev)
@@ -337,9 +411,8 @@ def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, metho
     keep_idx = keep = None
     dropped = torch.zeros(n, N, dtype=torch.bool)
     if img_mode:
-        score = (exmask.smooth_scores(ia[0].float().cpu(), model.cfg.vit.grid, cfg.smooth_image) if img_mode == "attn"
-                 else exmask.random_scores((n, N), gen))
-        keep_idx = exmask.keep_top(score, exmask.keep_count(N, cfg.keep_image))          # (n, K)
+        rule = {"model": cfg.image_mask, "attn": "paper"}.get(img_mode, img_mode)
+        keep_idx = image_keep(model, x, ids, ia[0], rule, cfg, gen, labels, objects)    # (n, K)
         dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, keep_idx, False)
     if txt_mode:
         _, content = exmask.special_tokens(ids, pad)
@@ -356,27 +429,38 @@ def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, metho
 
 
 def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg: Config,
-               gen: torch.Generator) -> tuple[dict, list]:
+               gen: torch.Generator, quota: int | None = None) -> tuple[dict, list]:
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
-    and its ablations. Also returns, for the picture, the first exemplar of up to 4 classes."""
+    and its ablations. Herding stops once a class's exemplars fill `quota` bytes (the budget's share
+    per class; None = keep all), the same cut Memory.add makes. Also returns, for the picture, the
+    first exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
     for c in classes:
-        idx = (~data["is_test"] & (data["labels"] == c)).nonzero().flatten()
+        idx = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
         patches, ids = data["patches"][idx], data["ids"][idx]
+        # store nothing of a modality the model does not use
+        enc = lambda i, ki=None, kt=None: exmask.encode(patches[i] if model.use_image else None,
+                                                         ids[i] if model.use_text else None, c, V, pad, ki, kt)
         if method == "joint":
-            out[c] = [exmask.encode(patches[i], ids[i], c, V, pad) for i in range(len(idx))]
+            out[c] = [enc(i) for i in range(len(idx))]
             continue
-        m = mask_sets(model, patches, ids, method, cfg, gen)
+        m = mask_sets(model, patches, ids, method, cfg, gen, data["labels"][idx],
+                      data["objects"][idx] if "objects" in data else None)
         ki, kt = m["keep_idx"], m["keep"]
-        order = herding(m["feats"], len(idx))
-        out[c] = [exmask.encode(patches[i], ids[i], c, V, pad, None if ki is None else ki[i],
-                                None if kt is None else kt[i]) for i in order]
-        if len(shown) < 4 and method in MASKING:
-            i = order[0]
-            shown.append({"patches": patches[i], "attn": None if m["attn"] is None else m["attn"][i],
-                          "kept": None if ki is None else ki[i], "ids": ids[i],
-                          "keep": None if kt is None else kt[i], "label": c})
+        items, used, first = [], 0, None
+        for i in herd(m["feats"]):
+            ex = enc(i, None if ki is None else ki[i], None if kt is None else kt[i])
+            if quota is not None and used + exmask.nbytes(ex) > quota:
+                break
+            used += exmask.nbytes(ex)
+            items.append(ex)
+            first = i if first is None else first
+        out[c] = items
+        if len(shown) < 4 and method in MASKING and first is not None:
+            shown.append({"patches": patches[first], "attn": None if m["attn"] is None else m["attn"][first],
+                          "kept": None if ki is None else ki[first], "ids": ids[first],
+                          "keep": None if kt is None else kt[first], "label": c})
     return out, shown
 
 
@@ -393,7 +477,7 @@ def replay_batch(memory: Memory, items: list[dict], cfg: Config, method: str, pa
     """Exemplars `items` from memory, batched; for exmask and its ablations, diversified by mixup replay."""
     B = len(items)
     r = exmask.collate(items, pad)
-    if method in MASKING and MASKING[method][3]:
+    if method in MASKING:
         if cfg.recombine > 0:
             partner = exmask.collate([memory.partner(ex, rng) for ex in items], pad)
             r = exmask.recombine(r, partner, torch.rand(B, generator=gen) < cfg.recombine, pad)
@@ -450,7 +534,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
     model.freeze_backbone()
     if cfg.compile:
         M.compile_towers(model)
-    unit = exmask.full_bytes(mcfg.vit.n_patches, data["patches"].shape[-1], mcfg.text.context, mcfg.text.vocab_size)
+    unit = exmask.full_bytes(mcfg.vit.n_patches, data["patches"].shape[-1], mcfg.text.context, mcfg.text.vocab_size,
+                             model.use_image, model.use_text)
     memory = (Memory(unlimited=True) if method == "joint" else
               Memory(total_bytes=cfg.memory_bytes) if cfg.memory_bytes else
               Memory(per_class_bytes=int(cfg.memory_per_class * unit)))
@@ -480,7 +565,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
                         f"[{method}] phase {t + 1}/{cfg.phases}")
         if method != "finetune":
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
-            cands, shown = candidates(model, data, phase_cls[t], method, cfg, gen)
+            quota = None if memory.unlimited else memory.quota(len(memory.classes) + len(phase_cls[t]))
+            cands, shown = candidates(model, data, phase_cls[t], method, cfg, gen, quota)
             memory.add(cands)
             if t == 0 and shown:
                 draw_masked(os.path.join(cfg.out, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
@@ -513,7 +599,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                 method: str, rng: random.Random, con, desc: str) -> None:
     """Epochs over the new classes' training data; each step also replays a batch from memory."""
     device = cfg.device
-    idx = (~data["is_test"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
+    idx = (data["is_train"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
     B = cfg.batch_size
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -526,7 +612,8 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     if method in MASKING and memory is not None and cfg.mask_new > 0:
         # old classes are replayed masked; show the new ones masked too (a share of the time), so
         # that "masked" never stands for "old class" and both feature distributions meet
-        masked_new = mask_sets(model, data["patches"][idx], data["ids"][idx], method, cfg, gen)
+        masked_new = mask_sets(model, data["patches"][idx], data["ids"][idx], method, cfg, gen, data["labels"][idx],
+                               data["objects"][idx] if "objects" in data else None)
         where = {int(i): k for k, i in enumerate(idx)}
     model.train()
     with progress(con) as bar:
@@ -593,9 +680,11 @@ def train(cfg: Config = Config()) -> list[dict]:
         for method in cfg.method_list:
             name = method if len(seeds) == 1 else f"{method}-seed{seed}"
             res, model = run_method(replace(scfg, out=os.path.join(cfg.out, name)), method, data, mcfg, state, tok, con)
-            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "smooth_image", "context_weight",
+            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "image_mask", "smooth_image",
+                                                             "context_weight", "val", "data",
                                                              "recombine", "token_mixup", "mask_new", "replay", "epochs", "memory_per_class",
                                                              "memory_bytes")}
+            res["eval_split"] = "val" if cfg.val else "test"
             results.append(res)
             save_model(os.path.join(cfg.out, name), model, data["class_names"], tok)
             if cfg.export:
@@ -752,6 +841,10 @@ def main(argv=None) -> None:
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
     p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches an exmask exemplar keeps")
     p.add_argument("--keep-text", type=float, default=c.keep_text, help="share of caption tokens kept")
+    p.add_argument("--image-mask", default=c.image_mask, choices=IMAGE_MASKS,
+                   help="how exmask picks the patches it keeps (paper-mask is the paper's plain rule)")
+    p.add_argument("--val", type=float, default=c.val,
+                   help="carve this share of the training rows as validation and report on it (choosing settings)")
     p.add_argument("--smooth-image", type=int, default=c.smooth_image,
                    help="average patch attention over k x k neighbours before keeping the top (1 = raw)")
     p.add_argument("--recombine", type=float, default=c.recombine, help="share of replayed exemplars recombined (same-class text swap)")
@@ -766,7 +859,7 @@ def main(argv=None) -> None:
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
-                     smooth_image=a.smooth_image,
+                     smooth_image=a.smooth_image, image_mask=a.image_mask, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
     except ValueError as e:
         p.error(str(e))

@@ -1,0 +1,270 @@
+"""Tests of the real-image development set (data.py icons), the validation split, and the rules that
+choose which patches a masked exemplar keeps. CPU only, tiny seeded configs. Run: python -m pytest -q"""
+import csv
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data as D
+import exmask
+import models as M
+from test_exmask import tiny_batch, tiny_model_cfg, tiny_train_cfg
+
+torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------- icons
+
+def fake_theme_tree(root, themes=("alpha", "beta", "gamma"), names=("printer", "folder", "user-trash", "rare")):
+    """Icon themes in the freedesktop layouts real themes use (48x48/cat, cat/48, scalable is skipped
+    without rsvg), each icon a distinct shape with an alpha channel. "rare" is drawn by one theme only;
+    "trashcan" is a link to user-trash (another name for the same drawing)."""
+    from PIL import Image, ImageDraw
+    for t_i, t in enumerate(themes):
+        for n_i, name in enumerate(names):
+            if name == "rare" and t_i:
+                continue
+            d = os.path.join(root, t, "48x48" if t_i % 2 == 0 else "devices", "devices" if t_i % 2 == 0 else "48")
+            os.makedirs(d, exist_ok=True)
+            im = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+            draw = ImageDraw.Draw(im)
+            box = (8 + 2 * n_i, 8, 40, 40 - 3 * t_i)
+            [draw.ellipse, draw.rectangle, draw.polygon][n_i % 3](
+                box if n_i % 3 < 2 else [(24, 6), (42, 42), (6, 42)], fill=(40 * n_i, 90 + 50 * t_i, 200, 255))
+            im.save(os.path.join(d, name + ".png"))
+            small = os.path.join(root, t, "16x16", "devices")          # too small: ignored
+            os.makedirs(small, exist_ok=True)
+            im.resize((16, 16)).save(os.path.join(small, name + ".png"))
+            if name == "user-trash":
+                os.symlink(name + ".png", os.path.join(d, "trashcan.png"))
+    return root
+
+
+def test_icons_builder_writes_a_manifest_with_object_masks(tmp_path):
+    root = fake_theme_tree(str(tmp_path / "icons"))
+    path = D.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+                         min_themes=2, size=32, log=lambda *a: None)
+    rows = list(csv.DictReader(open(path)))
+    assert sorted({r["label"] for r in rows}) == ["folder", "printer", "user-trash"]   # not "rare", not the link
+    assert len(rows) == 30 and sum(r["split"] == "test" for r in rows) == 6            # 20 % of each class
+    for c in ("folder", "printer", "user-trash"):
+        assert sum(r["split"] == "test" for r in rows if r["label"] == c) == 2
+    raw = D.read_manifest(path, 16)
+    assert raw["images"].shape == (30, 3, 16, 16) and raw["objects"].shape == (30, 16, 16)
+    share = (raw["objects"] > 127).float().mean((1, 2))
+    assert (share > 0.05).all() and (share < 0.6).all()                                # a minority of the image
+    # the mask is where the icon is: inside it the image differs from the random background's statistics
+    for r in rows[:3]:
+        assert r["text"] and r["mask"].startswith("masks/")
+    again = D.build_icons(root, str(tmp_path / "again"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+                          min_themes=2, size=32, log=lambda *a: None)
+    assert open(again).read().replace("again", "out") == open(path).read()              # seeded
+    with pytest.raises(SystemExit, match="only 3 icon names"):
+        D.build_icons(root, str(tmp_path / "x"), ("alpha", "beta", "gamma"), n_classes=5, min_themes=2,
+                      log=lambda *a: None)
+    with pytest.raises(SystemExit, match="none of the themes"):
+        D.build_icons(root, str(tmp_path / "x"), ("nope",), log=lambda *a: None)
+
+
+def test_icons_cli(tmp_path):
+    root = fake_theme_tree(str(tmp_path / "icons"))
+    D.main(["icons", str(tmp_path / "out"), "--themes-root", root, "--themes", "alpha,beta,gamma", "--classes", "2",
+            "--per-class", "5", "--min-themes", "3", "--size", "24"])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "manifest.csv")))
+    assert len(rows) == 10 and len({r["label"] for r in rows}) == 2
+
+
+# ----------------------------------------------------------------------------- splits
+
+def test_validation_is_carved_from_training_rows_and_the_test_split_ignores_the_seed(tmp_path):
+    import train as T
+    labels = torch.arange(4).repeat_interleave(10)
+    is_test = (torch.arange(40) % 10) >= 8
+    val = D.carve_validation(labels, is_test, 0.25)
+    assert not (val & is_test).any() and all(int(val[labels == c].sum()) == 2 for c in range(4))
+    assert torch.equal(val, D.carve_validation(labels, is_test, 0.25))
+    # a manifest without a split column: the same test rows for every run seed
+    root = fake_theme_tree(str(tmp_path / "icons"))
+    path = D.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+                         min_themes=2, size=32, log=lambda *a: None)
+    lines = open(path).read().splitlines()
+    nosplit = tmp_path / "out" / "nosplit.csv"
+    nosplit.write_text("\n".join(",".join(ln.split(",")[:3]) for ln in lines) + "\n")
+    cfg = tiny_train_cfg(tmp_path, data=str(nosplit))
+    a, b = T.read_data(replace(cfg, seed=0), 32), T.read_data(replace(cfg, seed=5), 32)
+    assert torch.equal(a["is_test"], b["is_test"])
+    v = T.read_data(replace(cfg, val=0.25), 32)
+    assert not (v["is_test"] & a["is_test"]).any() and not (v["is_train"] & (v["is_test"] | a["is_test"])).any()
+    with pytest.raises(ValueError, match="val"):
+        T.Config(val=1.0)
+
+
+def test_val_run_reports_on_validation_rows_only(tmp_path, monkeypatch):
+    import train as T
+    seen = []
+    real = T.evaluate
+
+    def spy(model, data, *a, **k):
+        seen.append(data["is_test"].clone())
+        return real(model, data, *a, **k)
+
+    monkeypatch.setattr(T, "evaluate", spy)
+    cfg = tiny_train_cfg(tmp_path, val=0.25)
+    r = T.train(cfg)[0]
+    raw = D.make_synth(cfg.synth)
+    assert r["eval_split"] == "val" and not (seen[0] & raw["is_test"]).any() and seen[0].any()
+
+
+# ----------------------------------------------------------------------------- patch rules
+
+def test_spread_scores_take_every_region_first():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(5, 64, generator=g)
+    s[:, :8] += 10                                           # one strong row would win plain top-k
+    idx = exmask.keep_top(exmask.spread_scores(s, 8), 16)
+    regions = (idx // 8 // 2) * 4 + (idx % 8) // 2
+    assert all(len(set(r.tolist())) == 16 for r in regions)
+    plain = exmask.keep_top(s, 16)
+    assert all(len(set(((r // 8 // 2) * 4 + (r % 8) // 2).tolist())) < 16 for r in plain)
+    # within a region the best patch is the one kept
+    best = s.reshape(5, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(5, 16, 4).argmax(-1)
+    assert best.shape == (5, 16)
+
+
+def test_sample_scores_draw_in_proportion_to_scores():
+    g = torch.Generator().manual_seed(0)
+    s = torch.ones(2000, 8)
+    s[:, 0] = 7.0                                            # 7 / 14 of the mass on patch 0
+    first = exmask.keep_top(exmask.sample_scores(s, g), 1)[:, 0]
+    assert abs((first == 0).float().mean().item() - 0.5) < 0.05
+    cold = exmask.keep_top(exmask.sample_scores(s, g, temperature=0.05), 1)[:, 0]
+    assert (cold == 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("rule", ["attn", "spread", "sample", "class", "feature", "paper", "random", "object"])
+def test_image_keep_rules(rule):
+    import train as T
+    torch.manual_seed(0)
+    mcfg = tiny_model_cfg()
+    model = M.TwoTower(mcfg, 3).eval()
+    images, ids = tiny_batch(mcfg, B=3)
+    x = M.patchify(images, mcfg.vit.patch_size)
+    N = x.shape[1]
+    objects = torch.zeros(3, N)
+    objects[:, :4] = 1.0
+    with torch.no_grad():
+        _, (ia, _) = model.features(x, M.all_patches(x), ids, aux=True)
+    cfg = T.Config(keep_image=0.25, device="cpu")
+    idx = T.image_keep(model, x, ids, ia[0], rule, cfg, torch.Generator().manual_seed(0), torch.tensor([0, 1, 2]),
+                       objects)
+    assert idx.shape == (3, 4) and all(len(set(r.tolist())) == 4 for r in idx)
+    assert torch.equal(idx, idx.sort(1).values)
+    if rule == "object":
+        assert idx.tolist() == [[0, 1, 2, 3]] * 3
+    if rule == "paper":
+        assert torch.equal(idx, exmask.keep_top(ia[0], 4))
+    if rule in ("class", "feature"):   # the chosen mask scores at least as well as a fresh random one
+        def score(i):
+            emb = model.image(M.gather_tokens(x, i), i)
+            if rule == "feature":
+                return torch.nn.functional.cosine_similarity(emb, model.image(x, M.all_patches(x)), dim=-1)
+            return model.classify(emb, model.text(ids)).log_softmax(-1)[torch.arange(3), torch.tensor([0, 1, 2])]
+        with torch.no_grad():
+            first = exmask.keep_top(exmask.random_scores((3, N), torch.Generator().manual_seed(0)), 4)
+            assert (score(idx) >= score(first) - 1e-6).all()
+
+
+def test_oracle_mask_needs_object_masks():
+    import train as T
+    mcfg = tiny_model_cfg()
+    model = M.TwoTower(mcfg, 1).eval()
+    x = torch.zeros(2, mcfg.vit.n_patches, 48)
+    with pytest.raises(SystemExit, match="object masks"):
+        T.image_keep(model, x, torch.zeros(2, 12, dtype=torch.long), torch.rand(2, 16), "object",
+                     T.Config(device="cpu"), torch.Generator())
+
+
+def test_every_image_mask_trains_and_oracle_uses_the_synth_objects(tmp_path, monkeypatch):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask,oracle-mask,paper-mask", image_mask="class")
+    by = {r["method"]: r for r in T.train(cfg)}
+    assert by["exmask"]["settings"]["image_mask"] == "class"
+    assert all(r["memory"]["mean_kept_patches"] == exmask.keep_count(16, cfg.keep_image) for r in by.values())
+    with pytest.raises(ValueError, match="image_mask"):
+        T.Config(image_mask="magic")
+    got = []
+    monkeypatch.setattr(T, "train", got.append)
+    T.main(["--image-mask", "spread", "--val", "0.25"])
+    assert got[0].image_mask == "spread" and got[0].val == 0.25
+    with pytest.raises(SystemExit):
+        T.main(["--image-mask", "magic"])
+
+
+# ----------------------------------------------------------------------------- method defects (#8)
+
+def test_single_modality_runs_store_nothing_of_the_other_modality(tmp_path):
+    import train as T
+    mcfg = tiny_train_cfg(tmp_path).model
+    for mod in ("text", "image"):
+        res = T.train(tiny_train_cfg(tmp_path, methods="replay,exmask", out=str(tmp_path / mod),
+                                     model=replace(mcfg, modalities=mod)))
+        rep, ex = res
+        if mod == "text":
+            assert rep["memory"]["mean_kept_patches"] == 0 and ex["memory"]["mean_kept_patches"] == 0
+            assert ex["memory"]["exemplars_per_class"] >= rep["memory"]["exemplars_per_class"]
+        else:
+            assert rep["memory"]["mean_kept_tokens"] == 0 and ex["memory"]["mean_kept_tokens"] == 0
+            assert ex["memory"]["exemplars_per_class"] > 2 * rep["memory"]["exemplars_per_class"]
+        both = M.TwoTower(replace(mcfg, modalities="image,text"), 4)
+        both.freeze_backbone()
+        one = M.TwoTower(replace(mcfg, modalities=mod), 4)
+        one.freeze_backbone()
+        assert one.trainable_params() < both.trainable_params()
+        assert all(not p.requires_grad for n, p in one.named_parameters()
+                   if n.startswith("image." if mod == "text" else "text."))
+
+
+def test_token_mixup_never_puts_two_tokens_at_one_position():
+    g = torch.Generator().manual_seed(0)
+    B, K, P, N = 32, 6, 3, 16
+
+    def batch(seed):
+        gg = torch.Generator().manual_seed(seed)
+        idx = torch.stack([torch.randperm(N, generator=gg)[:K].sort().values for _ in range(B)])
+        pix = torch.randint(0, 255, (B, K, P), dtype=torch.uint8, generator=gg)
+        pos = torch.stack([torch.cat([torch.tensor([0]), 1 + torch.randperm(9, generator=gg)[:5].sort().values,
+                                      torch.tensor([10])]) for _ in range(B)])
+        ids = torch.randint(4, 50, (B, 7), generator=gg)
+        return dict(pixels=pix, patch_idx=idx, ids=ids, pos=pos, labels=torch.arange(B))
+
+    a, b = batch(1), batch(2)
+    r = exmask.token_mixup(a, b, torch.rand(B, generator=g), 0, g)
+    for i in range(B):
+        assert len(set(r["patch_idx"][i].tolist())) == K
+        real = r["ids"][i] != 0
+        assert len(set(r["pos"][i][real].tolist())) == int(real.sum())
+        for k in range(K):   # every patch is a's or b's own patch at that position
+            p = int(r["patch_idx"][i, k])
+            srcs = [s["pixels"][i][s["patch_idx"][i] == p] for s in (a, b)]
+            assert any(len(s) and torch.equal(s[0], r["pixels"][i, k]) for s in srcs)
+    assert 0 <= r["lam"].min() and r["lam"].max() <= 1
+
+
+def test_herding_stops_at_the_quota_with_the_same_memory(tmp_path):
+    import train as T
+    from memory import Memory
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu")
+    mcfg, state, tok = T.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    all_, _ = T.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0))
+    q = 3 * exmask.nbytes(all_[0][0])
+    cut, _ = T.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0), quota=q)
+    mem = Memory(total_bytes=2 * q)
+    mem.add(all_)
+    assert [len(v) for v in cut.values()] == [len(v) for v in mem.classes.values()] and len(cut[0]) < len(all_[0])
+    for c in cut:
+        assert all(torch.equal(x["pixels"], y["pixels"]) for x, y in zip(cut[c], mem.classes[c]))
