@@ -3,6 +3,7 @@
     python bench.py                                  # every benchmark
     python bench.py --only onnx_latency --threads 1  # one of them
     python bench.py --run runs/default/exmask        # a trained run instead of the default model
+    python bench.py --only model_speed --device cuda --compile   # ViT-B/16 vs timm, steps, matmul limit
 
 Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
 "results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
@@ -26,6 +27,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import models as M
 
@@ -41,6 +44,11 @@ class Opts:
     threads: int = 0       # 0 = torch's default (the physical cores); ORT gets the same number
     run: str = ""          # a trained method folder (train.py's <out>/<method>); "" = the default model
     batches: tuple = (1, 32)
+    device: str = "cpu"    # model_speed: "cuda" measures ViT-B/16 at 224 px in bf16 autocast
+    batch: int = 0         # model_speed: images per call (0 = 256 on cuda, 16 on cpu)
+    steps: int = 0         # model_speed: timed calls per row after the warmup (0 = 10 on cuda, 3 on cpu)
+    compile: bool = False  # model_speed: also the training steps under torch.compile(dynamic=True)
+    vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
     data: str = ""         # mask_precision: a manifest with object masks; "" = the embedded data
 
 
@@ -51,8 +59,12 @@ def machine() -> dict:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    import onnxruntime as ort
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+    try:   # model_speed needs no onnxruntime: a GPU box without it still runs it
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "onnxruntime": ort.__version__ if ort else None,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
@@ -83,6 +95,52 @@ def bench_model(o: Opts) -> tuple[M.TwoTower, str]:
     torch.manual_seed(0)
     model = M.TwoTower(M.ModelConfig(), n_classes=100).eval()
     return M.merge_ssf(model), "default ModelConfig, untrained 100-class head"
+
+
+def vit_flops(cfg: M.ViTConfig, patches: int, classes: int) -> tuple[int, int]:
+    """Matmul FLOPs per image of (forward, frozen-backbone training step) of a ViT on `patches`
+    patches with a linear head. Forward: 2 per multiply-add of the patch embedding, the linears (T
+    tokens, prefix included) and attention (Q K^T and A V: 4 T^2 D per block). Step: the forward and
+    the gradients of the activations (linears again, attention twice: dQ, dK, dV, dA); of the
+    weights only the head's. No gradient reaches the pixels, so the patch embedding runs once."""
+    T, D, Hd = patches + (cfg.pool == "cls"), cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    linear = 2 * T * (3 * D * D + D * D + 2 * D * Hd) * cfg.depth
+    attn = 4 * T * T * D * cfg.depth
+    embed = 2 * patches * 3 * cfg.patch_size ** 2 * D
+    head = 2 * D * classes
+    return embed + linear + attn + head, embed + 2 * linear + 3 * attn + 3 * head
+
+
+def matmul_rate(device: str, repeats: int = 10) -> dict:
+    """Achieved FLOP/s of one large square matmul: bf16 on cuda, fp32 on cpu."""
+    cuda = device.startswith("cuda")
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = clock(lambda: a @ b, repeats, 3, cuda)["ms"]
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "ms": ms, "tflops": 2 * n ** 3 / ms / 1e9}
+
+
+def clock(fn, repeats: int, warmup: int, cuda: bool) -> dict:
+    """Median ms of fn after a first call (timed alone: it compiles, when compiled) and a warmup;
+    on cuda also the peak memory allocated during the timed calls (every model's weights included)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return {"ms": 1e3 * statistics.median(times), "first_call_s": first,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -227,11 +285,166 @@ def mask_precision(o: Opts) -> dict:
     return res
 
 
+# model_speed's timm ViT per device: ViT-B/16 at 224 px on cuda; a ViT-Ti/16 at 112 px on cpu (a minute)
+SPEED_VITS = {"cuda": ("vit_base_patch16_224", {}), "cpu": ("vit_tiny_patch16_224", {"img_size": 112})}
+
+
+def model_speed(o: Opts) -> dict:
+    """Our ViT against timm's VisionTransformer with the same weights, on o.device (bf16 autocast
+    on cuda, fp32 on cpu), B images per call: inference img/s; a training step (forward, backward,
+    Adam) with a linear head of 100 classes: ours with SSF (the default adapter) vs timm with only
+    the LayerNorms trained (the same matmuls: frozen weights, activation gradients), ours with the
+    LayerNorms trained (the implementation alone), with SSF folded into the weights while training
+    (models.SSF_FOLD_TRAINING), with prompts, and masked (25 % and 50 % of patches kept); with
+    --compile the main steps again under torch.compile(dynamic=True), as train.py --compile runs.
+    Each row's share of the matmul-rate limit: achieved FLOP/s of a large matmul / the row's
+    matmul FLOPs per image (vit_flops; a frozen-backbone step is ~2x the forward, not 3x)."""
+    import exmask
+    import timm
+    dev, cuda = o.device, o.device.startswith("cuda")
+    torch.set_num_threads(o.threads or torch.get_num_threads())
+    name, kw = (o.vit, {}) if o.vit else SPEED_VITS["cuda" if cuda else "cpu"]
+    B, C = o.batch or (256 if cuda else 16), 100
+    steps = o.steps or (10 if cuda else 3)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, num_classes=C, **kw).to(dev)
+    cfg = M.vit_config_from_timm(ref)
+    N = cfg.n_patches
+    g = torch.Generator(device=dev).manual_seed(0)
+    images = torch.randint(0, 256, (B, 3, cfg.image_size, cfg.image_size), device=dev, generator=g).float()
+    pixels = M.patchify(images, cfg.patch_size).to(torch.uint8)                    # (B, N, P), as stored
+    y = torch.randint(0, C, (B,), device=dev, generator=g)
+    mean, std = (torch.tensor(v, device=dev).view(3, 1, 1) * 255 for v in (cfg.mean, cfg.std))
+
+    def ours(adapter: str) -> tuple[M.ViT, nn.Linear]:
+        vit = M.ViT(cfg, adapter, M.ModelConfig().prompt_len)
+        M.load_timm_vit(vit, ref.state_dict())
+        with torch.no_grad():   # adapters away from their identity init, as once trained
+            for n, p in vit.named_parameters():
+                if "_ssf." in n or ".prompt" in n:
+                    p.add_(0.1 * torch.randn_like(p))
+        head = nn.Linear(cfg.dim, C)
+        head.load_state_dict(ref.head.state_dict())
+        return vit.to(dev), head.to(dev)
+
+    def step(forward, params: list, inputs: tuple):
+        opt = torch.optim.Adam(params, lr=1e-5)
+
+        def run():
+            with amp:
+                loss = F.cross_entropy(forward(*inputs).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    def train_only(model: nn.Module, rule) -> list:
+        for n, p in model.named_parameters():
+            p.requires_grad = rule(n)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def kept(K: int) -> tuple:
+        idx = torch.rand(B, N, device=dev, generator=g).argsort(1)[:, :K].sort(1).values   # (B, K)
+        return M.gather_tokens(pixels, idx), idx
+
+    rows = []
+
+    def measure(name: str, kind: str, patches: int, fn, ref_row: str = "", note: str = "") -> None:
+        r = {"name": name, "kind": kind, "patches": patches, **clock(fn, steps, 2, cuda)}
+        r["img_s"] = B / r["ms"] * 1e3
+        fwd, stp = vit_flops(cfg, patches, C)
+        r["limit_img_s"] = rate["tflops"] * 1e12 / (fwd if kind == "inference" else stp)
+        r["share_of_limit"] = r["img_s"] / r["limit_img_s"]
+        if ref_row:
+            r["vs"], r["speed_ratio"] = ref_row, r["img_s"] / next(x["img_s"] for x in rows if x["name"] == ref_row)
+        r["note"] = note
+        rows.append(r)
+        show_speed_row(r)
+
+    rate = matmul_rate(dev)
+    fwd, stp = vit_flops(cfg, N, C)
+    print(f"model_speed on {torch.cuda.get_device_name() if cuda else 'cpu'}: timm {name} {kw or ''}, batch {B}, "
+          f"{rate['dtype']} matmul {rate['tflops']:.3g} TFLOP/s, GFLOP/img {fwd / 1e9:.2f} forward, "
+          f"{stp / 1e9:.2f} step", flush=True)
+    show_speed_row(None)
+
+    # (a) inference
+    plain, plain_head = ours("none")
+    ssf_vit, ssf_head = ours("ssf")
+    timm_pooled = lambda: ref.forward_head(ref.forward_features((images - mean) / std), pre_logits=True)  # (B, D)
+    ref.eval()   # timm in train mode under inference_mode takes a slow path on cpu (5x here)
+    with torch.inference_mode(), amp:
+        diff = (plain.forward_images(images) - timm_pooled()).abs().max().item()
+        measure("infer timm", "inference", N, timm_pooled)
+        measure("infer ours", "inference", N, lambda: plain.forward_images(images), "infer timm")
+        measure("infer ours SSF unmerged", "inference", N, lambda: ssf_vit.forward_images(images), "infer timm",
+                "SSF folded into the weights per call")
+
+    # (b)-(d) training steps, eager
+    ref.train()
+    is_norm = lambda n: ".norm" in n or n.startswith(("norm.", "head."))
+    is_adapter = lambda n: "_ssf." in n or ".prompt" in n
+    full = (pixels, M.all_patches(pixels))
+    timm_params = train_only(ref, is_norm)
+    measure("step timm LN", "step", N, step(lambda im: ref((im - mean) / std), timm_params, (images,)))
+    plain_params = train_only(plain, is_norm) + list(plain_head.parameters())
+    measure("step ours LN", "step", N, step(lambda p, i: plain_head(plain(p, i)), plain_params, full), "step timm LN")
+    ssf_params = train_only(ssf_vit, is_adapter) + list(ssf_head.parameters())
+    ssf_fwd = lambda p, i: ssf_head(ssf_vit(p, i))
+    measure("step ours SSF", "step", N, step(ssf_fwd, ssf_params, full), "step timm LN")
+    M.SSF_FOLD_TRAINING = True
+    try:
+        measure("step ours SSF fold", "step", N, step(ssf_fwd, ssf_params, full), "step timm LN",
+                "SSF folded into Linear weights while training (weight-gradient matmuls)")
+    finally:
+        M.SSF_FOLD_TRAINING = False
+    prompt_vit, prompt_head = ours("prompt")
+    prompt_params = train_only(prompt_vit, is_adapter) + list(prompt_head.parameters())
+    measure("step ours prompt", "step", N, step(lambda p, i: prompt_head(prompt_vit(p, i)), prompt_params, full),
+            "step timm LN")
+    for share in (0.5, 0.25):
+        K = exmask.keep_count(N, share)
+        measure(f"step ours SSF keep {share:.0%}", "step", K, step(ssf_fwd, ssf_params, kept(K)), "step ours SSF")
+
+    # (b), (d) compiled, as train.py --compile (dynamic shapes: one graph for every kept count)
+    if o.compile:
+        ctimm = torch.compile(ref, dynamic=True)
+        measure("compiled step timm LN", "step", N, step(lambda im: ctimm((im - mean) / std), timm_params, (images,)),
+                "step timm LN", "first_call_s includes compiling")
+        cvit = torch.compile(ssf_vit, dynamic=True)
+        cfwd = lambda p, i: ssf_head(cvit(p, i))
+        measure("compiled step ours SSF", "step", N, step(cfwd, ssf_params, full), "compiled step timm LN")
+        for share in (0.5, 0.25):
+            K = exmask.keep_count(N, share)
+            measure(f"compiled step ours SSF keep {share:.0%}", "step", K, step(cfwd, ssf_params, kept(K)),
+                    "compiled step ours SSF")
+
+    return {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None, "timm_model": name,
+            "timm_kwargs": kw, "vit": {k: getattr(cfg, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
+            "batch": B, "classes": C, "autocast": "bf16" if cuda else None, "steps_timed": steps, "warmup": 2,
+            "threads": torch.get_num_threads(), "compile": o.compile, "matmul": rate,
+            "gflop_per_img": {"forward": fwd / 1e9, "step": stp / 1e9}, "max_abs_diff_ours_vs_timm": diff,
+            "rows": rows}
+
+
 BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency, "replay_cost": replay_cost,
-              "mask_precision": mask_precision}
+              "mask_precision": mask_precision, "model_speed": model_speed}
 
 
 # ----------------------------------------------------------------------------- report
+
+def show_speed_row(r: dict | None) -> None:
+    """One model_speed row as it is measured (None: the header), so a cut-off run still shows its rows."""
+    if r is None:
+        print(f"  {'':<32} {'patches':>7} {'ms':>9} {'img/s':>9} {'limit':>9} {'share':>6} {'vs':>6} "
+              f"{'GiB':>6} {'1st s':>6}", flush=True)
+        return
+    vs = f"{r['speed_ratio']:.2f}x" if "speed_ratio" in r else ""
+    gib = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else ""
+    print(f"  {r['name']:<32} {r['patches']:>7} {r['ms']:>9.1f} {r['img_s']:>9.1f} {r['limit_img_s']:>9.1f} "
+          f"{r['share_of_limit']:>6.0%} {vs:>6} {gib:>6} {r['first_call_s']:>6.1f}", flush=True)
+
 
 def show(name: str, res: dict) -> None:
     if name == "onnx_latency":
@@ -260,6 +473,9 @@ def show(name: str, res: dict) -> None:
             print(f"  {k:>6}: {res['patches'][k]} patches, {res['tokens'][k]} tokens: {res['step_ms'][k]:.1f} ms/step, "
                   f"{res['ms_per_exemplar'][k]:.3f} ms/exemplar")
         print(f"  masked / full: {res['ratio_masked_over_full']:.2f}")
+    elif name == "model_speed":
+        print(f"  (vs: img/s over the row named in the JSON's 'vs'; share: of the matmul-rate limit; "
+              f"ours vs timm max |diff| {res['max_abs_diff_ours_vs_timm']:.1e})")
     elif name == "mask_precision":
         print(f"mask_precision ({res['data']}, {res['rows']} training rows, {res['kept_patches']} patches kept; "
               f"{100 * res['object_share_of_patches']:.0f} % of all patches are object)")
@@ -279,9 +495,15 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=o.warmup)
     p.add_argument("--threads", type=int, default=o.threads)
     p.add_argument("--run", default=o.run, help="a trained method folder instead of the default model")
+    p.add_argument("--device", default=o.device, help="model_speed: cpu or cuda")
+    p.add_argument("--batch", type=int, default=o.batch, help="model_speed: images per call (0 = 256 cuda, 16 cpu)")
+    p.add_argument("--steps", type=int, default=o.steps, help="model_speed: timed calls per row (0 = 10 cuda, 3 cpu)")
+    p.add_argument("--compile", action="store_true", help="model_speed: also the compiled training steps")
+    p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
     p.add_argument("--data", default=o.data, help="mask_precision: a manifest with object masks (default: embedded)")
     a = p.parse_args(argv)
-    opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, data=a.data)
+    opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, device=a.device, batch=a.batch,
+                steps=a.steps, compile=a.compile, vit=a.vit, data=a.data)
     report = {"results": {}}
     if os.path.exists(a.out):
         with open(a.out) as f:

@@ -115,22 +115,50 @@ class SSF(nn.Module):
         self.shift = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
+        # one fused op, in x's dtype: fp32 parameters would promote bf16 activations under autocast
+        return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
 
 def ssf(dim: int, on: bool) -> nn.Module:
     return SSF(dim) if on else nn.Identity()
 
 
-@torch.no_grad()
 def fold_ssf(weight: torch.Tensor, bias: torch.Tensor | None, ssf_mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """An op's (weight (out, ...), bias (out,) or None) with the SSF after it folded in:
-    s * (W x + b) + t = (s W) x + (s b + t). An nn.Identity in place of the SSF folds nothing."""
+    s * (W x + b) + t = (s W) x + (s b + t). An nn.Identity in place of the SSF folds nothing.
+    Differentiable: with_ssf folds on the fly in the forward; merge_ssf folds for good."""
     if not isinstance(ssf_mod, SSF):
         return weight, bias if bias is not None else weight.new_zeros(weight.shape[0])
     s, t = ssf_mod.scale, ssf_mod.shift
     b = bias if bias is not None else torch.zeros_like(s)
     return weight * s.view(-1, *[1] * (weight.dim() - 1)), b * s + t
+
+
+# True: fold an SSF into its Linear's weight also while the SSF trains. Autograd then needs
+# dL/dW' = g^T x to reach the scale, a third matmul per layer (+50 % of a frozen-backbone step's
+# matmul FLOPs, test_ssf_train_step_adds_no_matmul), yet it is the faster step where measured:
+# bench.py model_speed, ViT-B/16, batch 256, bf16, NVIDIA H200: 2,804 img/s folded against 2,279
+# with the addcmul after the Linear (0.82x and 0.67x of timm's LayerNorm-tuning step); the
+# activation-sized elementwise passes and their reductions cost more than the extra matmul.
+SSF_FOLD_TRAINING = True
+
+
+def with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """s(op(x)), with the SSF s (or an nn.Identity) folded into op's weights on the fly. op is a
+    LayerNorm, a Linear, the patch embedding's Conv2d on flattened patches (B, K, C*p*p) (a Linear
+    with the weight flattened), or anything else (no fold). LayerNorm: into its affine, weight * s,
+    bias * s + t (vector-sized, always). Linear: W * s[:, None], b * s + t (weight-sized) when the
+    SSF gets no gradient or SSF_FOLD_TRAINING is set (the default); else one addcmul after the
+    Linear in the activation dtype."""
+    if isinstance(op, nn.LayerNorm):
+        return F.layer_norm(x, op.normalized_shape, *fold_ssf(op.weight, op.bias, s), op.eps)
+    if not isinstance(op, (nn.Linear, nn.Conv2d)):
+        return s(op(x))
+    w = op.weight.flatten(1)                                                  # (out, in)
+    trains = torch.is_grad_enabled() and isinstance(s, SSF) and s.scale.requires_grad
+    if isinstance(s, SSF) and (SSF_FOLD_TRAINING or not trains):
+        return F.linear(x, *fold_ssf(w, op.bias, s))
+    return s(F.linear(x, w, op.bias))
 
 
 @torch.no_grad()
@@ -176,7 +204,7 @@ class Attention(nn.Module):
         query 0 (the pooling token) over all N keys, mean over heads: (B, N)."""
         B, N, D = x.shape
         H = self.heads
-        qkv = self.qkv_ssf(self.qkv(x)).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
+        qkv = with_ssf(self.qkv, self.qkv_ssf, x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
         q, k, v = qkv.unbind(0)                                              # one transpose, not three
         mask = None if keep is None else keep[:, None, None, :]              # (B, 1, 1, N)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
@@ -185,7 +213,7 @@ class Attention(nn.Module):
             pk = self._heads(pk.expand(B, -1, -1))
             pv = self._heads(pv.expand(B, -1, -1))
             y = y + torch.tanh(self.prompt_gate).view(1, -1, 1, 1) * F.scaled_dot_product_attention(q, pk, pv)
-        y = self.proj_ssf(self.proj(y.transpose(1, 2).reshape(B, N, D)))
+        y = with_ssf(self.proj, self.proj_ssf, y.transpose(1, 2).reshape(B, N, D))
         if not row:
             return y, None
         a = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)  # (B, H, 1, N)
@@ -203,7 +231,7 @@ class Mlp(nn.Module):
         self.fc2_ssf = ssf(dim, use_ssf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2_ssf(self.fc2(F.gelu(self.fc1_ssf(self.fc1(x)))))
+        return with_ssf(self.fc2, self.fc2_ssf, F.gelu(with_ssf(self.fc1, self.fc1_ssf, x)))
 
 
 class Block(nn.Module):
@@ -222,13 +250,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
         if self.pre_norm:
-            y, a = self.attn(self.norm1_ssf(self.norm1(x)), keep, row)
+            y, a = self.attn(with_ssf(self.norm1, self.norm1_ssf, x), keep, row)
             x = x + y
-            x = x + self.mlp(self.norm2_ssf(self.norm2(x)))
+            x = x + self.mlp(with_ssf(self.norm2, self.norm2_ssf, x))
         else:
             y, a = self.attn(x, keep, row)
-            x = self.norm1_ssf(self.norm1(x + y))
-            x = self.norm2_ssf(self.norm2(x + self.mlp(x)))
+            x = with_ssf(self.norm1, self.norm1_ssf, x + y)
+            x = with_ssf(self.norm2, self.norm2_ssf, x + self.mlp(x))
         return x, a
 
 
@@ -291,9 +319,8 @@ class ViT(nn.Module):
     def forward(self, pixels: torch.Tensor, idx: torch.Tensor, aux: bool = False):
         """pixels (B, K, 3*p*p) in 0..255 (any float or uint8), idx (B, K) patch indices.
         Returns emb (B, E) and, with aux, (attention row over the K patches (B, K), tokens (B, K, E))."""
-        w = self.patch_embed.proj
         x = (pixels.to(self.pix_mean.dtype) - self.pix_mean) / self.pix_std
-        x = self.patch_embed.proj_ssf(F.linear(x, w.weight.flatten(1), w.bias))  # (B, K, D)
+        x = with_ssf(self.patch_embed.proj, self.patch_embed.proj_ssf, x)         # (B, K, D)
         x = x + self.pos_embed[0, self.prefix:][idx]                              # keeps positions
         return self.encode(x, aux)
 
@@ -313,7 +340,7 @@ class ViT(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             x, a = blk(x, row=aux and i == last and self.prefix == 1)
-        x = self.norm_ssf(self.norm(x))
+        x = with_ssf(self.norm, self.norm_ssf, x)
         if self.prefix:
             pooled = x[:, 0]
         else:
@@ -352,11 +379,11 @@ class TextTransformer(nn.Module):
             pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         x = self.tok_embed(ids) + self.pos_embed[0][pos]         # (B, L, D)
         if not self.cfg.pre_norm:
-            x = self.emb_norm_ssf(self.emb_norm(x + self.type_embed))
+            x = with_ssf(self.emb_norm, self.emb_norm_ssf, x + self.type_embed)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             x, a = blk(x, keep, row=aux and i == last)
-        x = self.norm_ssf(self.norm(x))
+        x = with_ssf(self.norm, self.norm_ssf, x)
         emb = self.proj(x[:, 0])
         if not aux:
             return emb
@@ -452,6 +479,15 @@ class TwoTower(nn.Module):
         """The frozen towers' weights (no adapters, no head): what pretraining produces."""
         return {k: v for k, v in self.state_dict().items()
                 if not (k.startswith("head.") or "_ssf." in k or ".prompt" in k)}
+
+
+def compile_towers(model: TwoTower) -> None:
+    """torch.compile each tower's forward in place, with dynamic shapes (kept patches and caption
+    lengths vary from batch to batch). The towers, not forward_tokens: the head grows every phase,
+    and each new head would recompile the whole model (dynamo gives up after 8 and runs eager).
+    The state dict keeps its names."""
+    for tower in (model.image, model.text):
+        tower.forward = torch.compile(tower.forward, dynamic=True)
 
 
 # ----------------------------------------------------------------------------- real weights

@@ -97,6 +97,7 @@ class Config:
     out: str = ""                           # "" = runs/<data name>
     resume: bool = False
     export: bool = True                     # write model.onnx at the end (export.py)
+    compile: bool = False                   # torch.compile the towers' forward (models.compile_towers)
     model: M.ModelConfig = field(default_factory=M.ModelConfig)
     synth: D.SynthConfig = field(default_factory=D.SynthConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -533,6 +534,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         raise ValueError(f"backbone lacks {sorted(missing)[:5]}")
     model.load_state_dict(backbone, strict=False)
     model.freeze_backbone()
+    if cfg.compile:
+        M.compile_towers(model)
     unit = exmask.full_bytes(mcfg.vit.n_patches, data["patches"].shape[-1], mcfg.text.context, mcfg.text.vocab_size,
                              model.use_image, model.use_text)
     memory = (Memory(unlimited=True) if method == "joint" else
@@ -834,6 +837,7 @@ def main(argv=None) -> None:
     p.add_argument("--adapter", default=c.model.adapter, choices=["ssf", "prompt", "none"])
     p.add_argument("--modalities", default=c.model.modalities, choices=["image,text", "image", "text"])
     p.add_argument("--no-export", action="store_true", help="do not write model.onnx at the end")
+    p.add_argument("--compile", action="store_true", help="torch.compile the towers (models.compile_towers)")
     p.add_argument("--vit", default=c.vit, help="timm ViT name whose pretrained weights replace the default image tower")
     p.add_argument("--vit-file", default=c.vit_file, help="local weights file for --vit")
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
@@ -856,7 +860,7 @@ def main(argv=None) -> None:
         cfg = Config(data=a.data, methods=a.methods, phases=a.phases, first_phase=a.first_phase,
                      memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, seeds=a.seeds, epochs=a.epochs,
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
-                     export=not a.no_export, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
+                     export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
