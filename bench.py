@@ -253,7 +253,8 @@ def mask_precision(o: Opts) -> dict:
     will meet). Rules as in train.image_keep; "class" needs a trained head and is left out."""
     import data as D
     import exmask
-    from train import Config, console, default_backbone, image_keep, read_data
+    from towers import default_backbone
+    from train import Config, console, image_keep, read_data
     torch.set_num_threads(o.threads or torch.get_num_threads())
     cfg = Config(quiet=True, data=o.data, device="cpu")
     mcfg, state, _ = default_backbone(cfg, "cpu", console(cfg))

