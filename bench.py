@@ -251,7 +251,6 @@ def mask_precision(o: Opts) -> dict:
     patches first. fidelity: the cosine between the image embedding of the kept patches and that of
     the full image (what a replayed exemplar looks like to the model, against the test images it
     will meet). Rules as in train.image_keep; "class" needs a trained head and is left out."""
-    import data as D
     import exmask
     from towers import default_backbone
     from train import Config, console, image_keep, read_data

@@ -8,8 +8,9 @@ shared/DESIGN.md).
      (b) their similarity to the *discarded* patches in the shared embedding space (context words:
      what the image lost, the text keeps). Special tokens (position 0 and the end marker) always stay.
   3. encode / collate: a stored exemplar is its kept uint8 patches plus its kept token ids
-     (narrowest integer type), and which patch and token positions were kept, as bit masks; collate batches them for replay at their
-     original positions, padding captions with pad_id (masked out of attention).
+     (narrowest integer type), and which patch and token positions were kept, as bit masks;
+     collate batches them for replay at their original positions, padding captions with pad_id
+     (masked out of attention).
   4. mixup replay: same-class modality recombination and cross-exemplar token mixup.
 
 Randomness comes from a passed torch.Generator; tensors are made on the input's device.

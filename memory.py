@@ -7,8 +7,8 @@ Bytes used never exceed the budget.
 """
 from __future__ import annotations
 
-import itertools
 import random
+from collections.abc import Iterable
 
 import torch
 
@@ -31,9 +31,16 @@ def herd(feats: torch.Tensor):
         yield i
 
 
-def herding(feats: torch.Tensor, m: int) -> list[int]:
-    """The first m indices of herd(feats)."""
-    return list(itertools.islice(herd(feats), m))
+def within_quota(items: Iterable[dict], quota: int | None) -> list[dict]:
+    """The leading exemplars of `items` (preference order) that fit in `quota` bytes together (None:
+    all). Drawn lazily, so a costly source (herding, encoding) stops once the quota is full."""
+    out, used = [], 0
+    for ex in items:
+        if quota is not None and used + exmask.nbytes(ex) > quota:
+            break
+        used += exmask.nbytes(ex)
+        out.append(ex)
+    return out
 
 
 class Memory:
@@ -74,13 +81,7 @@ class Memory:
             return
         q = self.quota(len(self.classes))
         for c, items in self.classes.items():
-            used, keep = 0, 0
-            for ex in items:
-                if used + exmask.nbytes(ex) > q:
-                    break
-                used += exmask.nbytes(ex)
-                keep += 1
-            self.classes[c] = items[:keep]
+            self.classes[c] = within_quota(items, q)
 
     def sample(self, n: int, rng: random.Random) -> list[dict]:
         """n exemplars drawn uniformly over all stored ones (with replacement)."""

@@ -9,7 +9,9 @@ import torch
 import data as D
 import exmask
 import models as M
-from memory import Memory, herding
+import itertools
+
+from memory import Memory, herd
 
 torch.set_num_threads(2)
 
@@ -350,7 +352,7 @@ def test_memory_state_dict_round_trip():
 
 def test_herding_picks_representative_first():
     feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [0.9, 0.1]])
-    order = herding(feats, 4)
+    order = list(itertools.islice(herd(feats), 4))
     assert order[0] == 2 and sorted(order) == [0, 1, 2, 3]
 
 

@@ -27,18 +27,18 @@ import torch.nn.functional as F
 import data as D
 import exmask
 import models as M
-from memory import Memory, herd
+from memory import Memory, herd, within_quota
 from pictures import draw_accuracy, draw_masked
 from towers import PretrainConfig, backbone, progress
 
 # exmask and its ablations: (image mask, text mask, cross-modal context term). Image masks:
-# "model": the rule Config.image_mask names, from the model's own signals; "attn": the paper's plain
-# rule, the top of the raw pooling-query attention row; "random": the same share kept at random;
-# "object": the true object mask (an oracle, where the data has masks); None: kept whole.
+# "model": the rule Config.image_mask names, from the model's own signals; otherwise a rule of
+# image_keep: "paper" (the top of the raw pooling-query attention row), "random", "object" (the
+# true object mask, an oracle where the data has masks); None: kept whole.
 # Text masks: "attn" (pooling attention, plus the context term where on), "random", None.
 MASKING = {
     "exmask": ("model", "attn", True),
-    "paper-mask": ("attn", "attn", True),
+    "paper-mask": ("paper", "attn", True),
     "random-mask": ("random", "random", False),
     "oracle-mask": ("object", "attn", True),
     "image-mask": ("model", None, False),
@@ -199,9 +199,10 @@ def autocast(device: str):
 @torch.no_grad()
 def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor, rule: str, cfg: Config,
                gen: torch.Generator, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,
-               n_candidates: int = 8) -> torch.Tensor:
+               feats: torch.Tensor | None = None, n_candidates: int = 8) -> torch.Tensor:
     """The patches a masked exemplar keeps: (n, K) indices, ascending. x (n, N, P) full samples on the
-    device, ids (n, L), attn (n, N) the image pooling query's last-block attention row.
+    device, ids (n, L), attn (n, N) the image pooling query's last-block attention row, feats (n, F)
+    the full samples' fused features where the caller has them (else computed here).
     Rules: "attn" top attention (smoothed over cfg.smooth_image); "spread" the top of each 2 x 2 region
     first; "sample" drawn in proportion to attention; "class" / "feature" the best of `n_candidates`
     random masks by the adapted model's own score for the sample's class / by the cosine between the
@@ -228,8 +229,11 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
     # "class" / "feature": the best of several random masks by the model's own judgement
     dev = x.device
     with autocast(cfg.device):
-        full = model.image(x, M.all_patches(x)).float()                               # (n, E)
-        txt = model.text(ids.to(dev)) if model.use_text else None
+        if feats is None:
+            feats = model.features(x, M.all_patches(x), ids.to(dev))
+        E = feats.shape[1] - (model.cfg.text.embed_dim or model.cfg.text.dim) * model.use_text
+        full = feats[:, :E].float()                                                    # (n, E) unit length
+        txt = feats[:, E:] if model.use_text else None                                 # classify re-normalises
         best, best_idx = torch.full((n,), -float("inf")), None
         for _ in range(n_candidates):
             idx = exmask.keep_top(exmask.random_scores((n, N), gen), K)               # (n, K)
@@ -265,8 +269,8 @@ def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, metho
     keep_idx = keep = None
     dropped = torch.zeros(n, N, dtype=torch.bool)
     if img_mode:
-        rule = {"model": cfg.image_mask, "attn": "paper"}.get(img_mode, img_mode)
-        keep_idx = image_keep(model, x, ids, ia[0], rule, cfg, gen, labels, objects)    # (n, K)
+        rule = cfg.image_mask if img_mode == "model" else img_mode
+        keep_idx = image_keep(model, x, ids, ia[0], rule, cfg, gen, labels, objects, f)  # (n, K)
         dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, keep_idx, False)
     if txt_mode:
         _, content = exmask.special_tokens(ids, pad)
@@ -286,7 +290,7 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
                gen: torch.Generator, quota: int | None = None) -> tuple[dict, list]:
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
     and its ablations. Herding stops once a class's exemplars fill `quota` bytes (the budget's share
-    per class; None = keep all), the same cut Memory.add makes. Also returns, for the picture, the
+    per class; None = keep all), the same cut Memory.add makes (memory.within_quota). Also returns, for the picture, the
     first exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
@@ -302,15 +306,15 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
         m = mask_sets(model, patches, ids, method, cfg, gen, data["labels"][idx],
                       data["objects"][idx] if "objects" in data else None)
         ki, kt = m["keep_idx"], m["keep"]
-        items, used, first = [], 0, None
-        for i in herd(m["feats"]):
-            ex = enc(i, None if ki is None else ki[i], None if kt is None else kt[i])
-            if quota is not None and used + exmask.nbytes(ex) > quota:
-                break
-            used += exmask.nbytes(ex)
-            items.append(ex)
-            first = i if first is None else first
-        out[c] = items
+        order = []                                   # herding order, as far as it was drawn
+
+        def herded():
+            for i in herd(m["feats"]):
+                order.append(i)
+                yield enc(i, None if ki is None else ki[i], None if kt is None else kt[i])
+
+        out[c] = within_quota(herded(), quota)
+        first = order[0] if out[c] else None
         if len(shown) < 4 and method in MASKING and first is not None:
             shown.append({"patches": patches[first], "attn": None if m["attn"] is None else m["attn"][first],
                           "kept": None if ki is None else ki[first], "ids": ids[first],
