@@ -130,8 +130,10 @@ def test_spread_scores_take_every_region_first():
     plain = exmask.keep_top(s, 16)
     assert all(len(set(((r // 8 // 2) * 4 + (r % 8) // 2).tolist())) < 16 for r in plain)
     # within a region the best patch is the one kept
-    best = s.reshape(5, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(5, 16, 4).argmax(-1)
-    assert best.shape == (5, 16)
+    best = s.reshape(5, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(5, 16, 4).argmax(-1)      # (5, 16) in-region
+    r, c = torch.arange(16) // 4, torch.arange(16) % 4
+    best_flat = (2 * r + best // 2) * 8 + 2 * c + best % 2                                    # (5, 16) grid index
+    assert all(set(b.tolist()) == set(i.tolist()) for b, i in zip(best_flat, idx))
 
 
 def test_sample_scores_draw_in_proportion_to_scores():
