@@ -24,7 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -253,7 +253,7 @@ def mask_precision(o: Opts) -> dict:
     will meet). Rules as in train.image_keep; "class" needs a trained head and is left out."""
     import exmask
     from towers import default_backbone
-    from train import Config, console, image_keep, read_data
+    from train import Config, console, draw_noise, image_keep, read_data
     torch.set_num_threads(o.threads or torch.get_num_threads())
     cfg = Config(quiet=True, data=o.data, device="cpu")
     mcfg, state, _ = default_backbone(cfg, "cpu", console(cfg))
@@ -276,8 +276,8 @@ def mask_precision(o: Opts) -> dict:
     with torch.no_grad():
         full, (row, _) = model.image(x, M.all_patches(x), aux=True)
         for rule in ("paper", "attn", "spread", "sample", "feature", "random", "object"):
-            gen = torch.Generator().manual_seed(0)
-            idx = image_keep(model, x, ids, row, rule, cfg, gen, objects=obj)
+            noise = draw_noise(len(rows), N, 2, torch.Generator().manual_seed(0))["image"]
+            idx = image_keep(model, x, ids, row, rule, cfg, noise, objects=obj)
             emb = model.image(M.gather_tokens(x, idx), idx)
             res["rules"][rule] = {"on_object": on_obj.gather(1, idx).mean().item(),
                                   "fidelity": torch.nn.functional.cosine_similarity(emb, full, dim=-1).mean().item()}
@@ -428,8 +428,113 @@ def model_speed(o: Opts) -> dict:
             "rows": rows}
 
 
+def phase_loop(o: Opts) -> dict:
+    """The phase loop against its own steps: `train.run_method` for exmask (10 phases of 10 classes,
+    3 epochs, batch 32, the default settings) with the time spent in training, in choosing and masking
+    exemplars and in evaluation measured apart; then every step the loop took, timed alone (the same
+    model, batch shapes and replay size, warm, synchronised). share = steps alone / whole phase loop.
+    cpu: the default towers on the embedded data (python train.py's run); cuda: a randomly initialised
+    timm ViT-B/16 (or --vit) at 224 px with the default text tower, on the embedded data's 6,000
+    image-caption pairs upsampled to 224 px, bf16 autocast; --compile: train.py --compile."""
+    import timm
+    import data as D
+    import exmask
+    import train as T
+    from towers import default_backbone
+    dev, cuda = o.device, o.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.set_num_threads(o.threads or torch.get_num_threads())
+    cfg = T.Config(device=dev, quiet=True, export=False, compile=o.compile, out=tempfile.mkdtemp())
+    mcfg, state, tok = default_backbone(cfg, dev, T.console(cfg))
+    raw = D.make_synth(cfg.synth)
+    if cuda:   # a real-scale image tower, random weights (speed does not depend on them)
+        torch.manual_seed(0)
+        ref = timm.create_model(o.vit or "vit_base_patch16_224", pretrained=False, num_classes=0)
+        vit = M.ViT(M.vit_config_from_timm(ref))
+        M.load_timm_vit(vit, ref.state_dict())
+        mcfg = replace(mcfg, vit=vit.cfg)
+        state = {k: v for k, v in state.items() if not k.startswith("image.")} | {f"image.{k}": v
+                                                                                  for k, v in vit.state_dict().items()}
+        S = vit.cfg.image_size
+        raw["images"] = F.interpolate(raw["images"].float(), size=(S, S), mode="nearest").to(torch.uint8)
+    raw["is_train"] = ~raw["is_test"]
+    data = T.prepare(raw, cfg, mcfg, tok)
+
+    spent = {"train_phase": 0.0, "candidates": 0.0, "evaluate": 0.0}
+    real = {k: getattr(T, k) for k in spent}
+
+    def timed_part(name):
+        def run(*a, **k):
+            sync()
+            t = time.perf_counter()
+            out = real[name](*a, **k)
+            sync()
+            spent[name] += time.perf_counter() - t
+            return out
+        return run
+
+    for k in spent:
+        setattr(T, k, timed_part(k))
+    try:
+        t0 = time.perf_counter()
+        res, model = T.run_method(cfg, "exmask", data, mcfg, state, tok, T.console(cfg))
+        loop_s = time.perf_counter() - t0
+    finally:
+        for k, fn in real.items():
+            setattr(T, k, fn)
+
+    # every step again, alone: the same shapes (new batch, replayed exemplars at the kept share)
+    phase_cls = D.phase_classes(list(range(len(data["class_names"]))), cfg.phases)
+    N, P = data["patches"].shape[1:]
+    K = exmask.keep_count(N, cfg.keep_image)
+    g = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-5)
+    amp = T.autocast(dev)
+    model.train()
+    step_ms, alone_s, shapes = {}, 0.0, []
+    for t in range(cfg.phases):
+        n_new = int((data["is_train"] & torch.isin(data["labels"], torch.tensor(phase_cls[t]))).sum())
+        n_mem = res["memory_per_phase"][t - 1]["exemplars"] if t else 0
+        per_epoch, B, R = T.epoch_plan(n_new, n_mem, cfg.batch_size)
+        if (B, R) not in step_ms:
+            rows = torch.randint(len(data["labels"]), (B + R,), generator=g)
+            x = data["patches"][rows[:B]].to(dev)
+            pidx = torch.rand(R, N, generator=g).argsort(1)[:, :K].sort(1).values.to(dev)
+            xr = M.gather_tokens(data["patches"][rows[B:]].to(dev), pidx)
+            ids = data["ids"][rows].to(dev)
+            y = data["labels"][rows].clamp(max=model.n_classes - 1).to(dev)
+
+            def step():
+                with amp:
+                    loss = F.cross_entropy(model.forward_tokens(x, M.all_patches(x), ids[:B]).float(), y[:B])
+                    if R:
+                        lr_ = F.cross_entropy(model.forward_tokens(xr, pidx, ids[B:]).float(), y[B:])
+                        loss = (loss * B + lr_ * R) / (B + R)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            step_ms[(B, R)] = clock(step, o.steps or 10, 3, cuda)["ms"]
+        steps = cfg.epochs * per_epoch
+        alone_s += steps * step_ms[(B, R)] / 1e3
+        shapes.append({"phase": t + 1, "steps": steps, "new_per_step": B, "replayed_per_step": R,
+                       "step_ms": step_ms[(B, R)]})
+    out = {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None,
+           "vit": {k: getattr(mcfg.vit, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
+           "compile": o.compile, "threads": torch.get_num_threads(), "images": len(data["labels"]),
+           "phase_loop_s": loop_s, "phase_seconds": res["phase_seconds"], **{f"{k}_s": v for k, v in spent.items()},
+           "steps_alone_s": alone_s, "share_of_step_speed": alone_s / loop_s,
+           "training_share_of_step_speed": alone_s / spent["train_phase"], "phases": shapes,
+           "avg_incremental_accuracy": res["avg_incremental_accuracy"]}
+    print(f"phase_loop on {out['device_name'] or 'cpu'}: loop {loop_s:.1f}s (train {spent['train_phase']:.1f}s, "
+          f"exemplars {spent['candidates']:.1f}s, eval {spent['evaluate']:.1f}s); steps alone {alone_s:.1f}s "
+          f"-> {out['share_of_step_speed']:.0%} of step speed ({out['training_share_of_step_speed']:.0%} in training)",
+          flush=True)
+    return out
+
+
 BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency, "replay_cost": replay_cost,
-              "mask_precision": mask_precision, "model_speed": model_speed}
+              "mask_precision": mask_precision, "model_speed": model_speed, "phase_loop": phase_loop}
 
 
 # ----------------------------------------------------------------------------- report
@@ -476,6 +581,10 @@ def show(name: str, res: dict) -> None:
     elif name == "model_speed":
         print(f"  (vs: img/s over the row named in the JSON's 'vs'; share: of the matmul-rate limit; "
               f"ours vs timm max |diff| {res['max_abs_diff_ours_vs_timm']:.1e})")
+    elif name == "phase_loop":
+        print(f"  {'phase':>5} {'steps':>5} {'new':>4} {'replayed':>8} {'ms/step':>8}   (each step alone)")
+        for r in res["phases"]:
+            print(f"  {r['phase']:>5} {r['steps']:>5} {r['new_per_step']:>4} {r['replayed_per_step']:>8} {r['step_ms']:>8.1f}")
     elif name == "mask_precision":
         print(f"mask_precision ({res['data']}, {res['rows']} training rows, {res['kept_patches']} patches kept; "
               f"{100 * res['object_share_of_patches']:.0f} % of all patches are object)")

@@ -49,11 +49,6 @@ def smooth_scores(scores: torch.Tensor, grid: int, k: int) -> torch.Tensor:
     return F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False).reshape(scores.shape)
 
 
-def random_scores(shape: tuple, generator: torch.Generator, device="cpu") -> torch.Tensor:
-    """Scores for the random-mask ablation: uniform, so keep_top keeps a random subset."""
-    return torch.rand(shape, generator=generator).to(device)
-
-
 def spread_scores(scores: torch.Tensor, grid: int, cell: int = 2) -> torch.Tensor:
     """scores (B, grid*grid) -> scores whose top k is the best patch of every cell x cell region of
     the grid first, then the second best of each, and so on (regions ordered by that patch's score):
@@ -67,10 +62,10 @@ def spread_scores(scores: torch.Tensor, grid: int, cell: int = 2) -> torch.Tenso
     return out.reshape(B, g, g, cell, cell).permute(0, 1, 3, 2, 4).reshape(B, grid * grid)
 
 
-def sample_scores(scores: torch.Tensor, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
-    """Gumbel keys: keep_top on them draws patches without replacement with probability proportional
-    to score ** (1 / temperature) (scores > 0, e.g. attention)."""
-    u = torch.rand(scores.shape, generator=generator).to(scores.device).clamp(1e-9, 1 - 1e-9)
+def sample_scores(scores: torch.Tensor, u: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Gumbel keys from uniform noise u (same shape): keep_top on them draws patches without
+    replacement with probability proportional to score ** (1 / temperature) (scores > 0, e.g. attention)."""
+    u = u.to(scores.device).clamp(1e-9, 1 - 1e-9)
     return scores.clamp(min=1e-12).log() / temperature - (-u.log()).log()
 
 
@@ -130,9 +125,14 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (m << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(1).to(torch.uint8)
 
 
+def unpack_mask(bits: torch.Tensor) -> torch.Tensor:
+    """(..., n) uint8 -> (..., 8n) bool, the inverse of pack_bits."""
+    return ((bits[..., None] >> torch.arange(8, dtype=torch.uint8, device=bits.device)) & 1).flatten(-2).bool()
+
+
 def unpack_bits(bits: torch.Tensor) -> torch.Tensor:
     """(n,) uint8 -> the kept positions, ascending (K,) int64."""
-    return ((bits[:, None] >> torch.arange(8, dtype=torch.uint8, device=bits.device)) & 1).flatten().nonzero().flatten()
+    return unpack_mask(bits).nonzero().flatten()
 
 
 def encode(patches: torch.Tensor | None, ids: torch.Tensor | None, label: int, vocab_size: int, pad_id: int,
@@ -170,29 +170,56 @@ def full_bytes(n_patches: int, patch_dim: int, context: int, vocab_size: int, im
             + torch.int16.itemsize)
 
 
+def pack_tokens(ids: torch.Tensor, keep: torch.Tensor | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions ids (B, L) and which tokens to keep (B, L) bool (None: every real one) -> (ids, pos),
+    each (B, L'): the kept tokens moved to the front in their order, with their original positions,
+    padded with pad_id (position 0); L' the longest row, at least 1."""
+    mask = ids != pad_id if keep is None else keep & (ids != pad_id)
+    L = max(1, int(mask.sum(1).max())) if len(ids) else 1
+    order = (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :L]                 # kept first, in order
+    kept = mask.gather(1, order)
+    return torch.where(kept, ids.gather(1, order), pad_id), torch.where(kept, order, 0)
+
+
 def collate(items: list[dict], pad_id: int, device="cpu") -> dict:
     """Stored exemplars -> a replay batch: pixels (B, K, P) uint8, patch_idx (B, K), ids (B, L)
-    padded with pad_id, pos (B, L), labels (B,). All items must keep the same number of patches."""
+    padded with pad_id, pos (B, L), labels (B,). All items must keep the same number of patches.
+    train.py collates the whole memory once a phase and takes its steps' rows from it (take)."""
     B = len(items)
-    if "pixels" not in items[0]:    # a text-only model stores no image: an empty stand-in
-        items = [dict(ex, pixels=torch.zeros(0, 1, dtype=torch.uint8)) for ex in items]
-    if "ids" not in items[0]:       # an image-only model stores no caption: a pad token stands in
-        items = [dict(ex, ids=torch.tensor([pad_id])) for ex in items]
-    pixels = torch.stack([ex["pixels"] for ex in items])
+    if "pixels" in items[0]:
+        pixels = torch.stack([ex["pixels"] for ex in items])                       # (B, K, P)
+    else:                           # a text-only model stores no image: an empty stand-in
+        pixels = torch.zeros(B, 0, 1, dtype=torch.uint8)
     K = pixels.shape[1]
     if "patch_bits" in items[0]:
-        pidx = torch.stack([unpack_bits(ex["patch_bits"]) for ex in items])
+        kept = unpack_mask(torch.stack([ex["patch_bits"] for ex in items]))       # (B, N), K set per row
+        pidx = kept.nonzero()[:, 1].view(B, K)
     else:
         pidx = torch.arange(K).expand(B, K)
-    L = max(len(ex["ids"]) for ex in items)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    for i, ex in enumerate(items):
-        n = len(ex["ids"])
-        ids[i, :n] = ex["ids"].long()
-        pos[i, :n] = unpack_bits(ex["pos_bits"]) if "pos_bits" in ex else torch.arange(n)
+    if "ids" in items[0]:
+        lens = torch.tensor([len(ex["ids"]) for ex in items])
+        L = max(1, int(lens.max()))
+        ids = torch.nn.utils.rnn.pad_sequence([ex["ids"].long() for ex in items], batch_first=True,
+                                              padding_value=pad_id)
+        ids = F.pad(ids, (0, L - ids.shape[1]), value=pad_id)                      # (B, L)
+        if "pos_bits" in items[0]:   # the kept positions, ascending, moved to the front
+            kept = unpack_mask(torch.stack([ex["pos_bits"] for ex in items]))      # (B, 8 * bytes)
+            pos = (~kept).to(torch.uint8).argsort(dim=1, stable=True)[:, :L]
+        else:
+            pos = torch.arange(L).expand(B, L)
+        pos = torch.where(torch.arange(L) < lens[:, None], pos, 0)
+    else:                           # an image-only model stores no caption: a pad token stands in
+        ids, pos = torch.full((B, 1), pad_id, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long)
     labels = torch.stack([ex["label"].long() for ex in items])
     return {k: v.to(device) for k, v in dict(pixels=pixels, patch_idx=pidx, ids=ids, pos=pos, labels=labels).items()}
+
+
+def take(batch: dict, rows: torch.Tensor, pad_id: int) -> dict:
+    """Rows of a collated batch (see collate), the captions cut to the longest of those rows: what
+    collate of those exemplars alone gives."""
+    out = {k: v[rows] for k, v in batch.items()}
+    L = max(1, int((out["ids"] != pad_id).sum(1).max())) if len(rows) else 1
+    return dict(out, ids=out["ids"][:, :L], pos=out["pos"][:, :L])
 
 
 # ----------------------------------------------------------------------------- mixup replay
@@ -222,44 +249,53 @@ def token_mixup(a: dict, b: dict, lam: torch.Tensor, pad_id: int, generator: tor
     returned as labels (a), labels_b and lam (B,)."""
     B, K, P = a["pixels"].shape
     dev = a["pixels"].device
-    k_a = (lam * K).round().long().clamp(0, K)                                        # (B,)
-    # candidates in preference order: a's first k_a (random order), then b's, then the rest of a's
-    take_a = torch.rand(B, K, generator=generator).to(dev).argsort(1)                 # (B, K)
-    take_b = torch.rand(B, K, generator=generator).to(dev).argsort(1)
-    pix = torch.cat([a["pixels"].gather(1, take_a[..., None].expand(-1, -1, P)),
-                     b["pixels"].gather(1, take_b[..., None].expand(-1, -1, P))], 1)   # (B, 2K, P)
-    pidx = torch.cat([a["patch_idx"].gather(1, take_a), b["patch_idx"].gather(1, take_b)], 1)  # (B, 2K)
-    j = torch.arange(K, device=dev)
-    prio = torch.cat([torch.where(j[None] < k_a[:, None], 0, 2), torch.ones(B, K, dtype=torch.long, device=dev)], 1)
-    order = (prio * 2 * K + torch.arange(2 * K, device=dev)).argsort(1)               # (B, 2K), stable
-    pidx, from_a = pidx.gather(1, order), order < K
-    # the first occurrence of each position survives; a alone has K distinct ones, so K always do
-    onehot = F.one_hot(pidx, int(pidx.max()) + 1)                                     # (B, 2K, N)
-    first = (onehot.cumsum(1) * onehot).sum(-1) == 1                                  # (B, 2K)
-    rank = first.cumsum(1)
-    pick = (first & (rank <= K)).float().argsort(dim=1, descending=True, stable=True)[:, :K]  # (B, K)
-    src_pos = order.gather(1, pick)                                                    # into the 2K candidates
-    pix = pix.gather(1, src_pos[..., None].expand(-1, -1, P))
-    pidx_out = pidx.gather(1, pick)
-    lam_eff = from_a.gather(1, pick).float().mean(1)                                   # (B,)
-    # text: a's pooling and end tokens stay; content tokens shared out by lam_eff, positions distinct
-    ids, pos = [], []
-    for i in range(B):
-        ra_, rb_ = a["ids"][i] != pad_id, b["ids"][i] != pad_id
-        ai, ap = a["ids"][i][ra_], a["pos"][i][ra_]
-        bi, bp = b["ids"][i][rb_], b["pos"][i][rb_]
-        na = max(0, len(ai) - 2)
-        ka = int(round(float(lam_eff[i]) * na))
-        sa = 1 + torch.randperm(na, generator=generator)[:ka].to(dev)
-        taken = torch.cat([ap[:1], ap[sa], ap[-1:]])
-        free = 1 + (~torch.isin(bp[1:-1], taken)).nonzero().flatten() if len(bi) > 2 else torch.zeros(0, dtype=torch.long, device=dev)
-        kb = min(len(free), int(round((1 - float(lam_eff[i])) * max(0, len(bi) - 2))))
-        sb = free[torch.randperm(len(free), generator=generator)[:kb].to(dev)]
-        ids.append(torch.cat([ai[:1], ai[sa], bi[sb], ai[-1:]]))
-        pos.append(torch.cat([ap[:1], ap[sa], bp[sb], ap[-1:]]))
-    L = max(len(t) for t in ids)
-    ids_t = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
-    pos_t = torch.zeros((B, L), dtype=torch.long, device=dev)
-    for i, (t, p) in enumerate(zip(ids, pos)):
-        ids_t[i, :len(t)], pos_t[i, :len(p)] = t, p
-    return dict(a, pixels=pix, patch_idx=pidx_out, ids=ids_t, pos=pos_t, labels_b=b["labels"], lam=lam_eff)
+    rand = lambda *shape: torch.rand(shape, generator=generator).to(dev)
+    lam_eff, out = lam.float().to(dev), dict(a)
+    if K:
+        k_a = (lam * K).round().long().clamp(0, K).to(dev)                            # (B,)
+        # candidates in preference order: a's first k_a (random order), then b's, then the rest of a's
+        take_a, take_b = rand(B, K).argsort(1), rand(B, K).argsort(1)                 # (B, K)
+        pix = torch.cat([a["pixels"].gather(1, take_a[..., None].expand(-1, -1, P)),
+                         b["pixels"].gather(1, take_b[..., None].expand(-1, -1, P))], 1)   # (B, 2K, P)
+        pidx = torch.cat([a["patch_idx"].gather(1, take_a), b["patch_idx"].gather(1, take_b)], 1)  # (B, 2K)
+        j = torch.arange(K, device=dev)
+        prio = torch.cat([torch.where(j[None] < k_a[:, None], 0, 2), torch.ones(B, K, dtype=torch.long, device=dev)], 1)
+        order = (prio * 2 * K + torch.arange(2 * K, device=dev)).argsort(1)           # (B, 2K), stable
+        pidx, from_a = pidx.gather(1, order), order < K
+        # the first occurrence of each position survives; a alone has K distinct ones, so K always do
+        onehot = F.one_hot(pidx, int(pidx.max()) + 1)                                 # (B, 2K, N)
+        first = (onehot.cumsum(1) * onehot).sum(-1) == 1                              # (B, 2K)
+        rank = first.cumsum(1)
+        pick = (first & (rank <= K)).float().argsort(dim=1, descending=True, stable=True)[:, :K]  # (B, K)
+        src_pos = order.gather(1, pick)                                                # into the 2K candidates
+        out.update(pixels=pix.gather(1, src_pos[..., None].expand(-1, -1, P)), patch_idx=pidx.gather(1, pick))
+        lam_eff = from_a.gather(1, pick).float().mean(1)                               # (B,)
+    # text: a's pooling (first) and end (last) tokens stay; the content tokens are shared out by
+    # lam_eff, a random share of a's and of b's, never two at one position
+    ra, rb = a["ids"] != pad_id, b["ids"] != pad_id                                   # (B, La), (B, Lb)
+    ja, jb = torch.arange(ra.shape[1], device=dev), torch.arange(rb.shape[1], device=dev)
+    ca = ra & (ja > 0) & (ja < ra.sum(1, keepdim=True) - 1)                           # a's content tokens
+    cb = rb & (jb > 0) & (jb < rb.sum(1, keepdim=True) - 1)
+
+    def some(cand: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """k[i] of row i's candidates, at random: (B, L) bool."""
+        rank = rand(*cand.shape).masked_fill(~cand, 2.0).argsort(1).argsort(1)
+        return cand & (rank < k[:, None])
+
+    sel_a = some(ca, (lam_eff * ca.sum(1)).round().long())
+    keep_a = sel_a | (ra & ~ca)                                                        # + a's first and last
+    Q = int(max(a["pos"].max(), b["pos"].max())) + 1 if a["pos"].numel() and b["pos"].numel() else 1
+    taken = torch.zeros(B, Q + 1, dtype=torch.bool, device=dev)
+    taken.scatter_(1, torch.where(keep_a, a["pos"], Q), True)                          # column Q: a sink
+    free = cb & ~taken[:, :Q].gather(1, b["pos"].clamp(max=Q - 1))
+    sel_b = some(free, torch.minimum(free.sum(1), ((1 - lam_eff) * cb.sum(1)).round().long()))
+    # order: a's first token, a's share, b's share, a's end token; the rest dropped
+    first_a, last_a = ra & (ja == 0), ra & ~ca & (ja > 0)
+    group = torch.cat([torch.where(first_a, 0, torch.where(sel_a, 1, torch.where(last_a, 3, 4))),
+                       torch.where(sel_b, 2, 4)], 1)                                   # (B, La + Lb)
+    L = max(1, int((group < 4).sum(1).max()))
+    order = group.argsort(dim=1, stable=True)[:, :L]
+    kept = group.gather(1, order) < 4
+    ids = torch.where(kept, torch.cat([a["ids"], b["ids"]], 1).gather(1, order), pad_id)
+    pos = torch.where(kept, torch.cat([a["pos"], b["pos"]], 1).gather(1, order), 0)
+    return dict(out, ids=ids, pos=pos, labels_b=b["labels"], lam=lam_eff)

@@ -7,7 +7,6 @@ Bytes used never exceed the budget.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable
 
 import torch
@@ -82,16 +81,6 @@ class Memory:
         q = self.quota(len(self.classes))
         for c, items in self.classes.items():
             self.classes[c] = within_quota(items, q)
-
-    def sample(self, n: int, rng: random.Random) -> list[dict]:
-        """n exemplars drawn uniformly over all stored ones (with replacement)."""
-        flat = [ex for items in self.classes.values() for ex in items]
-        return [flat[rng.randrange(len(flat))] for _ in range(n)] if flat else []
-
-    def partner(self, ex: dict, rng: random.Random) -> dict:
-        """A random stored exemplar of ex's class (for same-class recombination)."""
-        items = self.classes[int(ex["label"])]
-        return items[rng.randrange(len(items))]
 
     def items(self) -> list[dict]:
         return [ex for items in self.classes.values() for ex in items]

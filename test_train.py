@@ -111,9 +111,9 @@ def test_replay_modes(tmp_path, monkeypatch, replay):
     import train as T
     calls, real = [], T.replay_batch
 
-    def spy(memory, items, *a, **k):
-        calls.append((len(memory), [id(ex) for ex in items]))
-        return real(memory, items, *a, **k)
+    def spy(bank, rows, *a, **k):
+        calls.append((len(bank["counts"]), rows.tolist()))
+        return real(bank, rows, *a, **k)
 
     monkeypatch.setattr(T, "replay_batch", spy)
     T.train(tiny_train_cfg(tmp_path, methods="exmask", epochs=2, batch_size=4, replay=replay))

@@ -14,6 +14,7 @@ the new classes' data and replays every stored exemplar once beside it (--replay
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -196,27 +197,44 @@ def autocast(device: str):
 
 # ----------------------------------------------------------------------------- memory
 
+MASK_BATCH = 256        # most rows in one forward pass when scoring and masking (bounded device memory)
+REPLAY_MAX = 256        # most exemplars replayed in one step (epoch mode); a larger memory gets more steps
+N_CANDIDATES = 8        # random masks the "class" and "feature" rules choose from
+
+
+def draw_noise(n: int, N: int, L: int, gen: torch.Generator, method: str = "", cfg: Config | None = None) -> dict:
+    """Uniform noise for the masks of n samples, drawn up front so that a sample's mask does not
+    depend on the batches it is scored in: image (C, n, N), text (n, L). Only what the method's
+    rules use is drawn (C = N_CANDIDATES for "class" and "feature", 1 for the other random rules;
+    text noise for random text masks); without a method, everything."""
+    img_mode, txt_mode, _ = MASKING.get(method, ("feature", "random", False))
+    rule = cfg.image_mask if cfg is not None and img_mode == "model" else img_mode
+    C = N_CANDIDATES if rule in ("class", "feature") else 1 if rule in ("random", "object", "sample") else 0
+    text = txt_mode == "random" and (cfg is None or cfg.keep_text < 1)
+    return {"image": torch.rand(C, n, N, generator=gen), "text": torch.rand(n, L if text else 0, generator=gen)}
+
+
 @torch.no_grad()
 def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor, rule: str, cfg: Config,
-               gen: torch.Generator, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,
-               feats: torch.Tensor | None = None, n_candidates: int = 8) -> torch.Tensor:
+               noise: torch.Tensor, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,
+               feats: torch.Tensor | None = None) -> torch.Tensor:
     """The patches a masked exemplar keeps: (n, K) indices, ascending. x (n, N, P) full samples on the
-    device, ids (n, L), attn (n, N) the image pooling query's last-block attention row, feats (n, F)
-    the full samples' fused features where the caller has them (else computed here).
+    device, ids (n, L), attn (n, N) the image pooling query's last-block attention row, noise (C, n, N)
+    uniform (draw_noise), feats (n, F) the full samples' fused features where the caller has them.
     Rules: "attn" top attention (smoothed over cfg.smooth_image); "spread" the top of each 2 x 2 region
-    first; "sample" drawn in proportion to attention; "class" / "feature" the best of `n_candidates`
-    random masks by the adapted model's own score for the sample's class / by the cosine between the
+    first; "sample" drawn in proportion to attention; "class" / "feature" the best of the C random
+    masks by the adapted model's own score for the sample's class / by the cosine between the
     masked and the full image embedding; "paper" top raw attention; "random"; "object" the oracle."""
     n, N = x.shape[:2]
     K = exmask.keep_count(N, cfg.keep_image)
     g = model.cfg.vit.grid
     a = attn.float().cpu()
     if rule == "random":
-        return exmask.keep_top(exmask.random_scores((n, N), gen), K)
+        return exmask.keep_top(noise[0], K)
     if rule == "object":
         if objects is None:
             raise SystemExit("error: oracle-mask needs object masks: a manifest `mask` column (data.py icons writes one)")
-        return exmask.keep_top(objects + 1e-3 * exmask.random_scores((n, N), gen), K)
+        return exmask.keep_top(objects + 1e-3 * noise[0], K)
     if rule == "paper":
         return exmask.keep_top(a, K)
     a = exmask.smooth_scores(a, g, cfg.smooth_image)
@@ -225,126 +243,168 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
     if rule == "spread":
         return exmask.keep_top(exmask.spread_scores(a, g) if g % 2 == 0 else a, K)
     if rule == "sample":
-        return exmask.keep_top(exmask.sample_scores(a, gen), K)
+        return exmask.keep_top(exmask.sample_scores(a, noise[0]), K)
     # "class" / "feature": the best of several random masks by the model's own judgement
     dev = x.device
     with autocast(cfg.device):
         if feats is None:
             feats = model.features(x, M.all_patches(x), ids.to(dev))
         E = feats.shape[1] - (model.cfg.text.embed_dim or model.cfg.text.dim) * model.use_text
-        full = feats[:, :E].float()                                                    # (n, E) unit length
-        txt = feats[:, E:] if model.use_text else None                                 # classify re-normalises
-        best, best_idx = torch.full((n,), -float("inf")), None
-        for _ in range(n_candidates):
-            idx = exmask.keep_top(exmask.random_scores((n, N), gen), K)               # (n, K)
-            emb = model.image(M.gather_tokens(x, idx.to(dev)), idx.to(dev)).float()
-            if rule == "class":
-                s = model.classify(emb, txt).float().log_softmax(-1).gather(1, labels.to(dev)[:, None])[:, 0]
-            else:
-                s = F.cosine_similarity(emb, full, dim=-1)
-            s = s.cpu()
-            better = s > best
-            best = torch.where(better, s, best)
-            best_idx = idx if best_idx is None else torch.where(better[:, None], idx, best_idx)
-    return best_idx
+        full = feats[:, :E].float().to(dev)                                            # (n, E) unit length
+        txt = feats[:, E:].to(dev) if model.use_text else None                         # classify re-normalises
+        idx = torch.stack([exmask.keep_top(u, K) for u in noise]).to(dev)              # (C, n, K)
+        kept = torch.cat([M.gather_tokens(x, i) for i in idx])                          # (C n, K, P)
+        emb = model.image(kept, idx.flatten(0, 1)).float()                              # (C n, E)
+        if rule == "class":
+            s = model.classify(emb, txt.repeat(len(idx), 1)).float().log_softmax(-1)
+            s = s.gather(1, labels.to(dev).repeat(len(idx))[:, None])[:, 0]
+        else:
+            s = F.cosine_similarity(emb, full.repeat(len(idx), 1), dim=-1)
+        best = s.view(len(idx), n).argmax(0)                                           # (n,) first best wins
+    return idx[best, torch.arange(n, device=dev)].cpu()
+
+
+def mask_rows(data: dict, rows: torch.Tensor, key: str) -> torch.Tensor | None:
+    return data[key][rows] if key in data else None
 
 
 @torch.no_grad()
-def mask_sets(model: M.TwoTower, patches: torch.Tensor, ids: torch.Tensor, method: str, cfg: Config,
-              gen: torch.Generator, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None) -> dict:
-    """What a masked exemplar keeps, for a batch of full samples (method from MASKING):
-    feats (n, F), keep_idx (n, K) kept patch indices or None, keep (n, L) kept tokens or None,
-    attn (n, N) the image attention row or None. labels (n,) and objects (n, N) serve the
-    class-score and oracle rules."""
+def signals(model: M.TwoTower, data: dict, rows: torch.Tensor, cfg: Config) -> dict:
+    """The model's view of dataset rows, in batches of MASK_BATCH: feats (n, F) fused features (for
+    herding and the feature rule), img_attn (n, N) and txt_attn (n, L) the pooling tokens'
+    attention rows (None for an unused tower). Small per row: token features are not kept."""
+    model.eval()
+    out = {"feats": [], "img_attn": [], "txt_attn": []}
+    for r in rows.split(MASK_BATCH):
+        x = data["patches"][r].to(cfg.device)
+        with autocast(cfg.device):
+            f, (ia, ta) = model.features(x, M.all_patches(x), data["ids"][r].to(cfg.device), aux=True)
+        out["feats"].append(f.float().cpu())
+        out["img_attn"].append(ia[0].float().cpu() if ia is not None else None)
+        out["txt_attn"].append(ta[0].float().cpu() if ta is not None else None)
+    return {k: torch.cat(v) if v and v[0] is not None else None for k, v in out.items()}
+
+
+@torch.no_grad()
+def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cfg: Config, noise: dict,
+              sig: dict | None = None) -> dict:
+    """What the masked exemplars of dataset rows `rows` keep (method from MASKING), in batches of at
+    most MASK_BATCH rows on the device: keep_idx (n, K) kept patch indices or None, keep (n, L) kept
+    tokens or None. noise: draw_noise for these rows; sig: their signals() where the caller has them."""
     model.eval()
     dev, pad = cfg.device, model.cfg.text.pad_id
     img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
     img_mode = img_mode if model.use_image else None
     txt_mode = txt_mode if model.use_text and cfg.keep_text < 1 else None   # whole text: no positions stored
-    x = patches.to(dev)
-    n, N = x.shape[:2]
-    pidx = M.all_patches(x)
-    with autocast(dev):
-        f, (ia, ta) = model.features(x, pidx, ids.to(dev), aux=True)
-    keep_idx = keep = None
-    dropped = torch.zeros(n, N, dtype=torch.bool)
-    if img_mode:
-        rule = cfg.image_mask if img_mode == "model" else img_mode
-        keep_idx = image_keep(model, x, ids, ia[0], rule, cfg, gen, labels, objects, f)  # (n, K)
-        dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, keep_idx, False)
-    if txt_mode:
-        _, content = exmask.special_tokens(ids, pad)
-        if txt_mode == "random":
-            tscore = exmask.random_scores(ids.shape, gen)
-        else:
-            ctx = None
-            if context and img_mode and ia[1].shape[-1] == ta[1].shape[-1]:   # needs a shared space
-                ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
-            tscore = exmask.text_scores(ta[0].float().cpu(), content, ctx, cfg.context_weight)
-        keep = exmask.keep_text(tscore, ids, pad, cfg.keep_text)                          # (n, L)
-    return {"feats": f.float().cpu(), "keep_idx": keep_idx, "keep": keep,
-            "attn": ia[0].float().cpu() if ia is not None else None}
+    # the cross-modal term needs token features in a shared space: recomputed per batch, never kept
+    tokens = txt_mode == "attn" and context and img_mode is not None
+    sig = sig or signals(model, data, rows, cfg)
+    keep_idx, keep = [], []
+    for part in torch.arange(len(rows)).split(MASK_BATCH):
+        r, ids = rows[part], data["ids"][rows[part]]
+        x = data["patches"][r].to(dev)
+        n, N = x.shape[:2]
+        dropped = torch.zeros(n, N, dtype=torch.bool)
+        if img_mode:
+            rule = cfg.image_mask if img_mode == "model" else img_mode
+            ki = image_keep(model, x, ids, sig["img_attn"][part], rule, cfg, noise["image"][:, part],
+                            data["labels"][r], mask_rows(data, r, "objects"), sig["feats"][part].to(dev))
+            keep_idx.append(ki)                                                        # (n, K)
+            dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, ki, False)
+        if txt_mode:
+            _, content = exmask.special_tokens(ids, pad)
+            if txt_mode == "random":
+                tscore = noise["text"][part]
+            else:
+                ctx = None
+                if tokens:
+                    with autocast(dev):
+                        _, (ia, ta) = model.features(x, M.all_patches(x), ids.to(dev), aux=True)
+                    if ia[1].shape[-1] == ta[1].shape[-1]:
+                        ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
+                tscore = exmask.text_scores(sig["txt_attn"][part], content, ctx, cfg.context_weight)
+            keep.append(exmask.keep_text(tscore, ids, pad, cfg.keep_text))              # (n, L)
+    return {"keep_idx": torch.cat(keep_idx) if keep_idx else None, "keep": torch.cat(keep) if keep else None}
 
 
 def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg: Config,
                gen: torch.Generator, quota: int | None = None) -> tuple[dict, list]:
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
     and its ablations. Herding stops once a class's exemplars fill `quota` bytes (the budget's share
-    per class; None = keep all), the same cut Memory.add makes (memory.within_quota). Also returns, for the picture, the
-    first exemplar of up to 4 classes."""
+    per class; None = keep all), the same cut Memory.add makes (memory.within_quota), and only the
+    samples herding reaches are masked, a batch at a time. Also returns, for the picture, the first
+    exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
+    N, P = data["patches"].shape[1:]
+    K = exmask.keep_count(N, cfg.keep_image) if method in MASKING and model.use_image else N
+    step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + 2) + 1))
     for c in classes:
-        idx = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
-        patches, ids = data["patches"][idx], data["ids"][idx]
-        # store nothing of a modality the model does not use
-        enc = lambda i, ki=None, kt=None: exmask.encode(patches[i] if model.use_image else None,
-                                                         ids[i] if model.use_text else None, c, V, pad, ki, kt)
-        if method == "joint":
-            out[c] = [enc(i) for i in range(len(idx))]
-            continue
-        m = mask_sets(model, patches, ids, method, cfg, gen, data["labels"][idx],
-                      data["objects"][idx] if "objects" in data else None)
-        ki, kt = m["keep_idx"], m["keep"]
-        order = []                                   # herding order, as far as it was drawn
+        rows = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
+        sig = signals(model, data, rows, cfg)
+        noise = draw_noise(len(rows), N, data["ids"].shape[1], gen, method, cfg)
+        first = []                                   # what the picture shows of this class
 
         def herded():
-            for i in herd(m["feats"]):
-                order.append(i)
-                yield enc(i, None if ki is None else ki[i], None if kt is None else kt[i])
+            order = herd(sig["feats"])
+            while len(part := torch.tensor(list(itertools.islice(order, step)), dtype=torch.long)):
+                r = rows[part]
+                m = (mask_sets(model, data, r, method, cfg, {k: v[..., part, :] for k, v in noise.items()},
+                               {k: None if v is None else v[part] for k, v in sig.items()})
+                     if method in MASKING else {"keep_idx": None, "keep": None})
+                patches, ids = data["patches"][r], data["ids"][r]
+                for j in range(len(part)):
+                    ki, kt = (None if m[k] is None else m[k][j] for k in ("keep_idx", "keep"))
+                    if not first:
+                        first.append({"patches": patches[j], "kept": ki, "ids": ids[j], "keep": kt, "label": c,
+                                      "attn": None if sig["img_attn"] is None else sig["img_attn"][part[j]]})
+                    # store nothing of a modality the model does not use
+                    yield exmask.encode(patches[j] if model.use_image else None, ids[j] if model.use_text else None,
+                                        c, V, pad, ki, kt)
 
         out[c] = within_quota(herded(), quota)
-        first = order[0] if out[c] else None
-        if len(shown) < 4 and method in MASKING and first is not None:
-            shown.append({"patches": patches[first], "attn": None if m["attn"] is None else m["attn"][first],
-                          "kept": None if ki is None else ki[first], "ids": ids[first],
-                          "keep": None if kt is None else kt[first], "label": c})
+        if len(shown) < 4 and method in MASKING and out[c]:
+            shown += first
     return out, shown
 
 
-def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: list[int], V: int, pad: int, device: str) -> dict:
-    """New-phase samples `rows` encoded as masked exemplars (mask sets m, at positions sel), batched."""
-    ki, kt = m["keep_idx"], m["keep"]
-    items = [exmask.encode(data["patches"][r], data["ids"][r], int(data["labels"][r]), V, pad,
-                           None if ki is None else ki[s], None if kt is None else kt[s]) for r, s in zip(rows.tolist(), sel)]
-    return exmask.collate(items, pad, device)
+def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int, device: str) -> dict:
+    """New-phase samples `rows` shown as masked exemplars (mask sets m, at positions sel), batched as
+    collate would batch them stored."""
+    x = data["patches"][rows]
+    pidx = M.all_patches(x) if m["keep_idx"] is None else m["keep_idx"][sel]          # (n, K) ascending
+    ids, pos = exmask.pack_tokens(data["ids"][rows], None if m["keep"] is None else m["keep"][sel], pad)
+    b = {"pixels": M.gather_tokens(x, pidx), "patch_idx": pidx, "ids": ids, "pos": pos, "labels": data["labels"][rows]}
+    return {k: v.to(device) for k, v in b.items()}
 
 
-def replay_batch(memory: Memory, items: list[dict], cfg: Config, method: str, pad: int, rng: random.Random,
-                 gen: torch.Generator) -> dict:
-    """Exemplars `items` from memory, batched; for exmask and its ablations, diversified by mixup replay."""
-    B = len(items)
-    r = exmask.collate(items, pad)
+def replay_batch(bank: dict, rows: torch.Tensor, cfg: Config, method: str, pad: int, gen: torch.Generator) -> dict:
+    """Exemplars `rows` of the memory bank (the collated memory, see train_phase), batched; for exmask
+    and its ablations, diversified by mixup replay. bank["starts"], bank["counts"] (per row): where
+    its class's rows start in the bank and how many there are."""
+    B = len(rows)
+    r = exmask.take(bank["batch"], rows, pad)
     if method in MASKING:
-        if cfg.recombine > 0:
-            partner = exmask.collate([memory.partner(ex, rng) for ex in items], pad)
-            r = exmask.recombine(r, partner, torch.rand(B, generator=gen) < cfg.recombine, pad)
+        if cfg.recombine > 0:   # a random partner of the same class
+            u = torch.rand(B, generator=gen).to(rows.device)
+            partner = bank["starts"][rows] + (u * bank["counts"][rows]).long()
+            which = (torch.rand(B, generator=gen) < cfg.recombine).to(rows.device)
+            r = exmask.recombine(r, exmask.take(bank["batch"], partner, pad), which, pad)
         if cfg.token_mixup > 0:
-            other = exmask.collate(memory.sample(B, rng), pad)
+            other = torch.randint(len(bank["counts"]), (B,), generator=gen).to(rows.device)
             mixed = torch.rand(B, generator=gen) < cfg.token_mixup
             lam = torch.where(mixed, torch.rand(B, generator=gen), torch.ones(B))
-            r = exmask.token_mixup(r, other, lam, pad, gen)
-    return {k: v.to(cfg.device) for k, v in r.items()}
+            r = exmask.token_mixup(r, exmask.take(bank["batch"], other, pad), lam, pad, gen)
+    return r
+
+
+def memory_bank(memory: Memory, pad: int, device: str) -> dict:
+    """The whole memory collated once a phase, on the device: every step takes its rows from it."""
+    batch = exmask.collate(memory.items(), pad, device)
+    counts = torch.tensor([len(v) for v in memory.classes.values()], device=device)
+    starts = counts.cumsum(0) - counts
+    group = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)   # (M,) class of each row
+    return {"batch": batch, "starts": starts[group], "counts": counts[group]}
 
 
 def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
@@ -394,7 +454,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         M.compile_towers(model)
     unit = exmask.full_bytes(mcfg.vit.n_patches, data["patches"].shape[-1], mcfg.text.context, mcfg.text.vocab_size,
                              model.use_image, model.use_text)
-    memory = (Memory(unlimited=True) if method == "joint" else
+    # finetune keeps nothing; joint trains on the data itself (every seen class), not on a memory
+    memory = (None if method in ("finetune", "joint") else
               Memory(total_bytes=cfg.memory_bytes) if cfg.memory_bytes else
               Memory(per_class_bytes=int(cfg.memory_per_class * unit)))
     R, counts, secs, mem_stats, start = [], [], [], [], 0
@@ -403,7 +464,7 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         ck = torch.load(ck_path, weights_only=True)
         model.grow(ck["n_classes"])
         model.load_state_dict(ck["trainable"], strict=False)
-        memory = Memory.from_state_dict(ck["memory"])
+        memory = Memory.from_state_dict(ck["memory"]) if ck["memory"] else None
         R, counts, secs, mem_stats = ck["R"], ck["counts"], ck["secs"], ck["mem_stats"]
         start = len(R)
         con.print(f"[{method}] resumed after phase {start}/{cfg.phases}")
@@ -415,16 +476,14 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         model.grow(len(phase_cls[t]))
         model.freeze_backbone()
         n_params = model.trainable_params()
-        if method == "joint":   # the upper bound: every training sample of every seen class, together
-            seen = [c for p in phase_cls[:t + 1] for c in p]
-            train_phase(cfg, model, data, seen, None, method, rng, con, f"[{method}] phase {t + 1}/{cfg.phases}")
-        else:
-            train_phase(cfg, model, data, phase_cls[t], memory if method != "finetune" else None, method, rng, con,
-                        f"[{method}] phase {t + 1}/{cfg.phases}")
-        if method != "finetune":
+        seen = [c for p in phase_cls[:t + 1] for c in p]
+        # joint, the upper bound: every training sample of every seen class, together
+        train_phase(cfg, model, data, seen if method == "joint" else phase_cls[t], memory, method, rng, con,
+                    f"[{method}] phase {t + 1}/{cfg.phases}")
+        if memory is not None:
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
-            quota = None if memory.unlimited else memory.quota(len(memory.classes) + len(phase_cls[t]))
-            cands, shown = candidates(model, data, phase_cls[t], method, cfg, gen, quota)
+            cands, shown = candidates(model, data, phase_cls[t], method, cfg, gen,
+                                      memory.quota(len(memory.classes) + len(phase_cls[t])))
             memory.add(cands)
             if t == 0 and shown:
                 draw_masked(os.path.join(cfg.out, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
@@ -433,13 +492,14 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         R.append(row)
         counts.append(cnt)
         secs.append(time.time() - t0)
-        mem_stats.append(memory.stats() if method != "finetune" else {})
+        mem_stats.append(memory.stats() if memory is not None else joint_stats(data, seen, model) if method == "joint" else {})
         acc = sum(r * n for r, n in zip(row, cnt)) / sum(cnt)
         con.print(f"[{method}] phase {t + 1}/{cfg.phases}: accuracy {acc:.1f}% on {model.n_classes} classes, "
                   f"{secs[-1]:.1f}s" + (f", memory {len(memory)} exemplars, {memory.bytes_used():,} B"
-                                         if method != "finetune" else ""))
+                                         if memory is not None else ""))
         trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
-        save_checkpoint(ck_path, {"n_classes": model.n_classes, "trainable": trainable, "memory": memory.state_dict(),
+        save_checkpoint(ck_path, {"n_classes": model.n_classes, "trainable": trainable,
+                                  "memory": memory.state_dict() if memory is not None else {},
                                   "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats,
                                   "model_config": asdict(mcfg), "class_names": data["class_names"]})
     res = {"method": method, "seed": cfg.seed, "phases": cfg.phases,
@@ -453,57 +513,81 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
     return res, model
 
 
+def joint_stats(data: dict, seen: list[int], model: M.TwoTower) -> dict:
+    """joint keeps no memory: its "memory" figures describe the training data it trains on."""
+    rows = data["is_train"] & torch.isin(data["labels"], torch.tensor(seen))
+    n = int(rows.sum())
+    return {"budget_bytes": -1, "bytes_used": 0, "exemplars": n, "exemplars_per_class": n / max(len(seen), 1),
+            "mean_kept_patches": data["patches"].shape[1] * model.use_image,
+            "mean_kept_tokens": float((data["ids"][rows] != model.cfg.text.pad_id).sum(1).float().mean()) * model.use_text}
+
+
+def epoch_plan(n_new: int, n_mem: int, batch: int) -> tuple[int, int, int]:
+    """Steps per epoch, new samples per step, exemplars replayed per step (epoch mode): every new
+    sample and every exemplar once per epoch, at most REPLAY_MAX exemplars a step; a memory that
+    needs more gets more, smaller steps (and replay-only ones where the new data runs out)."""
+    steps = math.ceil(n_new / batch)
+    if n_mem > steps * REPLAY_MAX:
+        steps = math.ceil(n_mem / REPLAY_MAX)
+        batch = max(1, math.ceil(n_new / steps))
+    return steps, batch, math.ceil(n_mem / steps)
+
+
 def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], memory: Memory | None,
                 method: str, rng: random.Random, con, desc: str) -> None:
-    """Epochs over the new classes' training data; each step also replays a batch from memory."""
-    device = cfg.device
+    """Epochs over the new classes' training data; each step also replays exemplars from memory."""
+    device, pad = cfg.device, model.cfg.text.pad_id
     idx = (data["is_train"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
-    B = cfg.batch_size
+    n_mem = len(memory) if memory is not None else 0
+    bank = memory_bank(memory, pad, device) if n_mem else None
+    per_epoch, B, per_step = epoch_plan(len(idx), n_mem if cfg.replay == "epoch" else 0, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps = cfg.epochs * math.ceil(len(idx) / B)
+    steps = cfg.epochs * per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    pad = model.cfg.text.pad_id
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
-    per_step = math.ceil(len(memory) / math.ceil(len(idx) / B)) if memory is not None else 0
     masked_new = None
-    if method in MASKING and memory is not None and cfg.mask_new > 0:
+    if method in MASKING and n_mem and cfg.mask_new > 0:
         # old classes are replayed masked; show the new ones masked too (a share of the time), so
         # that "masked" never stands for "old class" and both feature distributions meet
-        masked_new = mask_sets(model, data["patches"][idx], data["ids"][idx], method, cfg, gen, data["labels"][idx],
-                               data["objects"][idx] if "objects" in data else None)
-        where = {int(i): k for k, i in enumerate(idx)}
+        noise = draw_noise(len(idx), data["patches"].shape[1], data["ids"].shape[1], gen, method, cfg)
+        masked_new = mask_sets(model, data, idx, method, cfg, noise)
     model.train()
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
         for _ in range(cfg.epochs):
-            stored = memory.items() if memory is not None and cfg.replay == "epoch" else []
-            rng.shuffle(stored)                     # each exemplar once per epoch, spread over its steps
-            for s, b in enumerate(idx[torch.randperm(len(idx))].split(B)):
-                x = data["patches"][b].to(device)
-                pidx = M.all_patches(x)
+            order = list(range(n_mem if cfg.replay == "epoch" else 0))
+            rng.shuffle(order)                      # each exemplar once per epoch, spread over its steps
+            order = torch.tensor(order, dtype=torch.long, device=device)
+            new = torch.randperm(len(idx)).split(B)     # positions in idx
+            for s in range(per_epoch):
+                p = new[s] if s < len(new) else idx[:0]
+                b = idx[p]
+                loss, n = None, 0
                 with autocast(device):
-                    logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
-                    y = data["labels"][b].to(device)
-                    loss = F.cross_entropy(logits.float(), y)
-                    sel = []
+                    if len(b):
+                        x = data["patches"][b].to(device)
+                        logits = model.forward_tokens(x, M.all_patches(x), data["ids"][b].to(device))
+                        loss, n = F.cross_entropy(logits.float(), data["labels"][b].to(device)), len(b)
                     if masked_new is not None:
-                        sel = [where[int(i)] for i in b if torch.rand(1, generator=gen) < cfg.mask_new]
-                        if sel:
-                            nb = masked_batch(data, idx[sel], masked_new, sel, model.cfg.text.vocab_size, pad, device)
-                            lm = model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"])
-                            loss = (loss * len(b) + F.cross_entropy(lm.float(), nb["labels"]) * len(sel)) / (len(b) + len(sel))
-                    items = []
-                    if memory is not None and len(memory):
-                        items = memory.sample(B, rng) if cfg.replay == "batch" else stored[s * per_step:(s + 1) * per_step]
-                    if items:
-                        r = replay_batch(memory, items, cfg, method, pad, rng, gen)
-                        lr_ = model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"])
-                        if cfg.replay == "batch":   # old and new weigh the same, whatever their numbers
-                            loss = (loss + mixed_ce(lr_.float(), r)) / 2
+                        sel = p[torch.rand(len(p), generator=gen) < cfg.mask_new]
+                        if len(sel):
+                            nb = masked_batch(data, idx[sel], masked_new, sel, pad, device)
+                            lm = F.cross_entropy(model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"],
+                                                                      nb["pos"]).float(), nb["labels"])
+                            loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
+                            n += len(sel)
+                    rows = (order[s * per_step:(s + 1) * per_step] if cfg.replay == "epoch" else
+                            torch.randint(n_mem, (cfg.batch_size,), generator=gen).to(device) if n_mem else order)
+                    if len(rows):
+                        r = replay_batch(bank, rows, cfg, method, pad, gen)
+                        lr_ = mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"]).float(), r)
+                        if loss is None:
+                            loss = lr_
+                        elif cfg.replay == "batch":   # old and new weigh the same, whatever their numbers
+                            loss = (loss + lr_) / 2
                         else:                       # every sample weighs the same: training on new data + memory
-                            n = len(b) + len(sel)
-                            loss = (loss * n + mixed_ce(lr_.float(), r) * len(items)) / (n + len(items))
+                            loss = (loss * n + lr_ * len(rows)) / (n + len(rows))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,0 +1,177 @@
+"""Tests of the phase loop at scale (issue #9): the memory collated once a phase and stepped through
+by index, masks in bounded batches that do not change them, the bounded replay batch, joint without
+a memory. CPU only, tiny seeded configs. Run: python -m pytest -q test_loop.py"""
+import math
+import os
+
+import pytest
+import torch
+
+import data as D
+import exmask
+import models as M
+import towers
+from test_exmask import tiny_train_cfg
+
+torch.set_num_threads(2)
+
+
+def stored_items(seed: int = 0, masked: bool = True) -> list[dict]:
+    """Exemplars as Memory stores them: 5 of 16 patches (or all), captions of 3 to 9 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(9):
+        L = int(torch.randint(3, 10, (), generator=g))
+        ids = torch.nn.functional.pad(torch.randint(4, 40, (L,), generator=g), (0, 12 - L))
+        keep = torch.rand(12, generator=g) < 0.7
+        keep[0] = True
+        items.append(exmask.encode(torch.randint(0, 255, (16, 12), generator=g).to(torch.uint8), ids, i % 3, 50, 0,
+                                   torch.randperm(16, generator=g)[:5] if masked else None, keep if masked else None))
+    return items
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_take_from_the_collated_memory_is_collate_of_those_rows(masked):
+    items = stored_items(masked=masked)
+    bank = exmask.collate(items, 0)
+    for rows in ([4, 0, 7], [2], list(range(9)), [5, 5, 1]):
+        got, want = exmask.take(bank, torch.tensor(rows), 0), exmask.collate([items[r] for r in rows], 0)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), rows
+
+
+def test_collate_matches_each_exemplars_own_positions():
+    items = stored_items()
+    b = exmask.collate(items, 0)
+    for i, ex in enumerate(items):
+        assert b["patch_idx"][i].tolist() == exmask.unpack_bits(ex["patch_bits"]).tolist()
+        n = len(ex["ids"])
+        assert b["ids"][i, :n].tolist() == ex["ids"].tolist() and (b["ids"][i, n:] == 0).all()
+        assert b["pos"][i, :n].tolist() == exmask.unpack_bits(ex["pos_bits"]).tolist()
+
+
+def test_masked_new_samples_batch_like_stored_exemplars():
+    """train.masked_batch (new samples shown masked, vectorised) equals encode + collate of them."""
+    import train as T
+    g = torch.Generator().manual_seed(0)
+    n, N, P, L = 6, 16, 12, 10
+    data = {"patches": torch.randint(0, 255, (n, N, P), generator=g).to(torch.uint8),
+            "ids": torch.nn.functional.pad(torch.randint(4, 40, (n, 7), generator=g), (0, L - 7)),
+            "labels": torch.arange(n)}
+    m = {"keep_idx": torch.stack([torch.randperm(N, generator=g)[:4].sort().values for _ in range(n)]),
+         "keep": torch.rand(n, L, generator=g) < 0.5}
+    rows, sel = torch.tensor([3, 1, 4]), torch.tensor([3, 1, 4])
+    got = T.masked_batch(data, rows, m, sel, 0, "cpu")
+    want = exmask.collate([exmask.encode(data["patches"][r], data["ids"][r], int(r), 50, 0, m["keep_idx"][r], m["keep"][r])
+                           for r in rows], 0)
+    assert all(torch.equal(got[k].long(), want[k].long()) for k in want)
+
+
+def test_epoch_plan_bounds_the_replay_batch():
+    from train import REPLAY_MAX, epoch_plan
+    assert epoch_plan(400, 2000, 32) == (13, 32, math.ceil(2000 / 13))           # within the bound: as before
+    steps, B, per = epoch_plan(400, 40 * REPLAY_MAX, 32)
+    assert per <= REPLAY_MAX and steps * per >= 40 * REPLAY_MAX and steps * B >= 400 and B < 32
+    steps, B, per = epoch_plan(5, 10 * REPLAY_MAX, 32)                           # more memory than new data
+    assert per <= REPLAY_MAX and steps == 10 and B == 1                          # replay-only steps at the end
+
+
+def test_replay_batch_is_bounded_by_more_steps(tmp_path, monkeypatch):
+    """With REPLAY_MAX below the memory per step, every step replays at most REPLAY_MAX exemplars
+    and each exemplar still once per epoch, over more steps."""
+    import train as T
+    monkeypatch.setattr(T, "REPLAY_MAX", 1)
+    calls, real_replay = [], T.replay_batch
+
+    def spy(bank, rows, *a, **k):
+        calls.append((len(bank["counts"]), rows.tolist()))
+        return real_replay(bank, rows, *a, **k)
+
+    monkeypatch.setattr(T, "replay_batch", spy)
+    T.train(tiny_train_cfg(tmp_path, methods="replay", epochs=2, batch_size=8))
+    n_mem = calls[0][0]                                   # phase 2: 2 epochs of 16 new samples, 2 steps of 8
+    steps = n_mem
+    assert steps > 2 and len(calls) == 2 * steps and all(len(r) == 1 for _, r in calls)
+    for epoch in (calls[:steps], calls[steps:]):
+        rows = [i for _, r in epoch for i in r]
+        assert sorted(rows) == list(range(n_mem))
+
+
+def test_masks_do_not_depend_on_the_batches_they_are_scored_in(tmp_path, monkeypatch):
+    """Masks and memory are the same whether a class is scored in one pass or 2 rows at a time, and
+    with a quota only the samples herding reaches are masked."""
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_text=0.6)
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    for method in ("exmask", "random-mask"):
+        whole, _ = T.candidates(model, data, [0, 1], method, cfg, torch.Generator().manual_seed(0))
+        masked_rows, real = [], T.mask_sets
+
+        def spy(model, data, rows, *a, **k):
+            masked_rows.append(len(rows))
+            return real(model, data, rows, *a, **k)
+
+        monkeypatch.setattr(T, "MASK_BATCH", 2)
+        monkeypatch.setattr(T, "mask_sets", spy)
+        q = 3 * exmask.nbytes(whole[0][0])
+        parts, _ = T.candidates(model, data, [0, 1], method, cfg, torch.Generator().manual_seed(0), quota=q)
+        monkeypatch.undo()
+        assert max(masked_rows) <= 2 and sum(masked_rows) < len(whole[0]) + len(whole[1])
+        for c in parts:
+            assert 0 < len(parts[c]) < len(whole[c])
+            for x, y in zip(parts[c], whole[c]):
+                assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), method
+
+
+def test_the_memory_is_collated_once_a_phase(tmp_path, monkeypatch):
+    """No per-sample Python per step: stored exemplars are collated once a phase, never per step."""
+    import train as T
+    calls, real = [], exmask.collate
+    monkeypatch.setattr(exmask, "collate", lambda items, *a, **k: calls.append(len(items)) or real(items, *a, **k))
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", phases=3, epochs=2, token_mixup=0.5, recombine=0.5,
+                           synth=D.SynthConfig(n_classes=6, train_per_class=8, test_per_class=4)))
+    assert len(calls) == 2 and calls[0] < calls[1]         # phases 2 and 3, once each
+
+
+def test_joint_keeps_no_memory(tmp_path):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="joint")
+    r = T.train(cfg)[0]
+    ck = torch.load(os.path.join(cfg.out, "joint", "checkpoint.pt"), weights_only=True)
+    assert ck["memory"] == {}
+    assert r["memory"]["exemplars"] == cfg.synth.n_classes * cfg.synth.train_per_class and r["memory"]["bytes_used"] == 0
+
+
+@pytest.mark.parametrize("modalities", ["text", "image"])
+def test_mixup_replay_and_masked_new_samples_with_one_modality(tmp_path, modalities):
+    """Token mixup, recombination and masked new samples also run where one tower is unused."""
+    import train as T
+    from dataclasses import replace
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", token_mixup=1.0, recombine=1.0, mask_new=0.5, keep_text=0.6)
+    r = T.train(replace(cfg, model=replace(cfg.model, modalities=modalities)))[0]
+    assert r["memory"]["exemplars"] > 0 and len(r["accuracy_matrix"]) == cfg.phases
+
+
+def test_vectorised_token_mixup_shares_text_by_lambda():
+    """Text: a's first and last tokens stay; lam 1 keeps a's content, lam 0 takes b's wherever
+    a's specials leave the position free; no position twice."""
+    g = torch.Generator().manual_seed(0)
+    B, L = 16, 9
+    ids_a = torch.randint(4, 40, (B, L), generator=g)
+    ids_b = torch.randint(40, 80, (B, L), generator=g)
+    pos = torch.arange(L).expand(B, L)
+    none = dict(pixels=torch.zeros(B, 0, 1, dtype=torch.uint8), patch_idx=torch.zeros(B, 0, dtype=torch.long))
+    a = dict(none, ids=ids_a, pos=pos, labels=torch.zeros(B, dtype=torch.long))
+    b = dict(none, ids=ids_b, pos=pos, labels=torch.ones(B, dtype=torch.long))
+    r = exmask.token_mixup(a, b, torch.ones(B), 0, g)
+    assert torch.equal(r["ids"], ids_a) and torch.equal(r["pos"], pos)
+    r = exmask.token_mixup(a, b, torch.zeros(B), 0, g)
+    assert (r["ids"][:, 0] == ids_a[:, 0]).all() and (r["ids"][:, -1] == ids_a[:, -1]).all()
+    assert sorted(r["pos"][0].tolist()) == list(range(L)) and (r["ids"][:, 1:-1] >= 40).all()
+    r = exmask.token_mixup(a, b, torch.full((B,), 0.5), 0, g)
+    for i in range(B):
+        real = r["ids"][i] != 0
+        assert len(set(r["pos"][i][real].tolist())) == int(real.sum()) == L
+        assert int((r["ids"][i] < 40).sum()) - 2 == round(0.5 * (L - 2))
