@@ -214,11 +214,12 @@ def collate(items: list[dict], pad_id: int, device="cpu") -> dict:
     return {k: v.to(device) for k, v in dict(pixels=pixels, patch_idx=pidx, ids=ids, pos=pos, labels=labels).items()}
 
 
-def take(batch: dict, rows: torch.Tensor, pad_id: int) -> dict:
-    """Rows of a collated batch (see collate), the captions cut to the longest of those rows: what
-    collate of those exemplars alone gives."""
+def take(batch: dict, rows: torch.Tensor, pad_id: int, L: int | None = None) -> dict:
+    """Rows of a collated batch (see collate), the captions cut to the longest of those rows (L where
+    the caller knows it: finding it on a GPU waits for the GPU): what collate of those exemplars gives."""
     out = {k: v[rows] for k, v in batch.items()}
-    L = max(1, int((out["ids"] != pad_id).sum(1).max())) if len(rows) else 1
+    if L is None:
+        L = max(1, int((out["ids"] != pad_id).sum(1).max())) if len(rows) else 1
     return dict(out, ids=out["ids"][:, :L], pos=out["pos"][:, :L])
 
 

@@ -368,6 +368,12 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
     return out, shown
 
 
+def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A host tensor to the device without waiting for the device (a copy from pageable memory
+    would): pinned, then asynchronous."""
+    return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
+
+
 def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int, device: str) -> dict:
     """New-phase samples `rows` shown as masked exemplars (mask sets m, at positions sel), batched as
     collate would batch them stored."""
@@ -375,36 +381,39 @@ def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad
     pidx = M.all_patches(x) if m["keep_idx"] is None else m["keep_idx"][sel]          # (n, K) ascending
     ids, pos = exmask.pack_tokens(data["ids"][rows], None if m["keep"] is None else m["keep"][sel], pad)
     b = {"pixels": M.gather_tokens(x, pidx), "patch_idx": pidx, "ids": ids, "pos": pos, "labels": data["labels"][rows]}
-    return {k: v.to(device) for k, v in b.items()}
+    return {k: to_device(v, device) for k, v in b.items()}
 
 
 def replay_batch(bank: dict, rows: torch.Tensor, cfg: Config, method: str, pad: int, gen: torch.Generator) -> dict:
-    """Exemplars `rows` of the memory bank (the collated memory, see train_phase), batched; for exmask
-    and its ablations, diversified by mixup replay. bank["starts"], bank["counts"] (per row): where
-    its class's rows start in the bank and how many there are."""
-    B = len(rows)
-    r = exmask.take(bank["batch"], rows, pad)
+    """Exemplars `rows` (host) of the memory bank (memory_bank), batched on the device; for exmask and
+    its ablations, diversified by mixup replay."""
+    B, dev = len(rows), cfg.device
+
+    def take(r: torch.Tensor) -> dict:   # the caption length from the host copy: no wait for the device
+        return exmask.take(bank["batch"], to_device(r, dev), pad, max(1, int(bank["lens"][r].max())))
+
+    r = take(rows)
     if method in MASKING:
         if cfg.recombine > 0:   # a random partner of the same class
-            u = torch.rand(B, generator=gen).to(rows.device)
-            partner = bank["starts"][rows] + (u * bank["counts"][rows]).long()
-            which = (torch.rand(B, generator=gen) < cfg.recombine).to(rows.device)
-            r = exmask.recombine(r, exmask.take(bank["batch"], partner, pad), which, pad)
+            partner = bank["starts"][rows] + (torch.rand(B, generator=gen) * bank["counts"][rows]).long()
+            which = torch.rand(B, generator=gen) < cfg.recombine
+            r = exmask.recombine(r, take(partner), to_device(which, dev), pad)
         if cfg.token_mixup > 0:
-            other = torch.randint(len(bank["counts"]), (B,), generator=gen).to(rows.device)
+            other = torch.randint(len(bank["lens"]), (B,), generator=gen)
             mixed = torch.rand(B, generator=gen) < cfg.token_mixup
             lam = torch.where(mixed, torch.rand(B, generator=gen), torch.ones(B))
-            r = exmask.token_mixup(r, exmask.take(bank["batch"], other, pad), lam, pad, gen)
+            r = exmask.token_mixup(r, take(other), lam, pad, gen)
     return r
 
 
 def memory_bank(memory: Memory, pad: int, device: str) -> dict:
-    """The whole memory collated once a phase, on the device: every step takes its rows from it."""
-    batch = exmask.collate(memory.items(), pad, device)
-    counts = torch.tensor([len(v) for v in memory.classes.values()], device=device)
-    starts = counts.cumsum(0) - counts
-    group = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)   # (M,) class of each row
-    return {"batch": batch, "starts": starts[group], "counts": counts[group]}
+    """The whole memory collated once a phase, on the device: every step takes its rows from it.
+    On the host: each row's caption length, and where its class's rows start and how many there are."""
+    batch = exmask.collate(memory.items(), pad)
+    counts = torch.tensor([len(v) for v in memory.classes.values()])
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts)                 # (M,) class of each row
+    return {"batch": {k: v.to(device) for k, v in batch.items()}, "lens": (batch["ids"] != pad).sum(1),
+            "starts": (counts.cumsum(0) - counts)[group], "counts": counts[group]}
 
 
 def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
@@ -558,7 +567,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
         for _ in range(cfg.epochs):
             order = list(range(n_mem if cfg.replay == "epoch" else 0))
             rng.shuffle(order)                      # each exemplar once per epoch, spread over its steps
-            order = torch.tensor(order, dtype=torch.long, device=device)
+            order = torch.tensor(order, dtype=torch.long)
             new = torch.randperm(len(idx)).split(B)     # positions in idx
             for s in range(per_epoch):
                 p = new[s] if s < len(new) else idx[:0]
@@ -566,9 +575,9 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                 loss, n = None, 0
                 with autocast(device):
                     if len(b):
-                        x = data["patches"][b].to(device)
-                        logits = model.forward_tokens(x, M.all_patches(x), data["ids"][b].to(device))
-                        loss, n = F.cross_entropy(logits.float(), data["labels"][b].to(device)), len(b)
+                        x = to_device(data["patches"][b], device)
+                        logits = model.forward_tokens(x, M.all_patches(x), to_device(data["ids"][b], device))
+                        loss, n = F.cross_entropy(logits.float(), to_device(data["labels"][b], device)), len(b)
                     if masked_new is not None:
                         sel = p[torch.rand(len(p), generator=gen) < cfg.mask_new]
                         if len(sel):
@@ -578,7 +587,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                             loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
                             n += len(sel)
                     rows = (order[s * per_step:(s + 1) * per_step] if cfg.replay == "epoch" else
-                            torch.randint(n_mem, (cfg.batch_size,), generator=gen).to(device) if n_mem else order)
+                            torch.randint(n_mem, (cfg.batch_size,), generator=gen) if n_mem else order)
                     if len(rows):
                         r = replay_batch(bank, rows, cfg, method, pad, gen)
                         lr_ = mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"]).float(), r)
