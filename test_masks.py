@@ -182,6 +182,34 @@ def test_image_keep_rules(rule):
                 assert (best >= score(exmask.keep_top(u, 4)) - 1e-5).all()
 
 
+def test_mask_candidates_one_is_the_random_mask_and_more_keep_the_image_better(tmp_path):
+    """The feature rule with 1 candidate keeps the random-mask ablation's patches; with more, its
+    masks are at least as faithful to the full image (the best of a superset of candidates)."""
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, device="cpu")
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4).eval()
+    model.load_state_dict(state, strict=False)
+    rows = data["is_train"].nonzero().flatten()[:12]
+    N, L = data["patches"].shape[1], data["ids"].shape[1]
+
+    def masks(method, C):
+        c = replace(cfg, mask_candidates=C)
+        return T.mask_sets(model, data, rows, method, c, T.draw_noise(len(rows), N, L, torch.Generator().manual_seed(0),
+                                                                      method, c))["keep_idx"]
+
+    assert torch.equal(masks("exmask", 1), masks("random-mask", 1))
+    x = data["patches"][rows].float()
+    with torch.no_grad():
+        full = model.image(x, M.all_patches(x))
+        fid = [torch.nn.functional.cosine_similarity(model.image(M.gather_tokens(x, i), i), full, dim=-1)
+               for i in (masks("exmask", 4), masks("exmask", 16))]
+    assert (fid[1] >= fid[0] - 1e-5).all() and fid[1].mean() > fid[0].mean()
+    with pytest.raises(ValueError, match="mask_candidates"):
+        T.Config(mask_candidates=0)
+
+
 def test_oracle_mask_needs_object_masks():
     import train as T
     mcfg = tiny_model_cfg()

@@ -65,6 +65,7 @@ class Config:
                                             # is stored whole: on short captions masking it cost accuracy
     image_mask: str = "feature"             # exmask's patch rule, one of IMAGE_MASKS (see image_keep); chosen
                                             # on validation rows of the real-image development set
+    mask_candidates: int = 8                # random masks the "class" and "feature" rules choose from
     smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
     recombine: float = 0.0                  # share of replayed exemplars given a same-class partner's text
@@ -104,6 +105,8 @@ class Config:
             raise ValueError("the memory budget must be positive (--memory-per-class or --memory-bytes)")
         if self.smooth_image < 1 or self.smooth_image % 2 == 0:
             raise ValueError(f"smooth_image must be an odd number of patches (1 = off), got {self.smooth_image}")
+        if self.mask_candidates < 1:
+            raise ValueError(f"mask_candidates must be at least 1, got {self.mask_candidates}")
         if self.image_mask not in IMAGE_MASKS:
             raise ValueError(f"image_mask must be one of {', '.join(IMAGE_MASKS)}, got {self.image_mask!r}")
         if not 0 <= self.val < 1:
@@ -199,17 +202,17 @@ def autocast(device: str):
 
 MASK_BATCH = 256        # most rows in one forward pass when scoring and masking (bounded device memory)
 REPLAY_MAX = 256        # most exemplars replayed in one step (epoch mode); a larger memory gets more steps
-N_CANDIDATES = 8        # random masks the "class" and "feature" rules choose from
 
 
 def draw_noise(n: int, N: int, L: int, gen: torch.Generator, method: str = "", cfg: Config | None = None) -> dict:
     """Uniform noise for the masks of n samples, drawn up front so that a sample's mask does not
     depend on the batches it is scored in: image (C, n, N), text (n, L). Only what the method's
-    rules use is drawn (C = N_CANDIDATES for "class" and "feature", 1 for the other random rules;
-    text noise for random text masks); without a method, everything."""
+    rules use is drawn (C = cfg.mask_candidates for "class" and "feature", 1 for the other random
+    rules; text noise for random text masks); without a method or config, everything (C = 8)."""
     img_mode, txt_mode, _ = MASKING.get(method, ("feature", "random", False))
     rule = cfg.image_mask if cfg is not None and img_mode == "model" else img_mode
-    C = N_CANDIDATES if rule in ("class", "feature") else 1 if rule in ("random", "object", "sample") else 0
+    C = ((cfg.mask_candidates if cfg is not None else 8) if rule in ("class", "feature") else
+         1 if rule in ("random", "object", "sample") else 0)
     text = txt_mode == "random" and (cfg is None or cfg.keep_text < 1)
     return {"image": torch.rand(C, n, N, generator=gen), "text": torch.rand(n, L if text else 0, generator=gen)}
 
@@ -631,7 +634,7 @@ def train(cfg: Config = Config()) -> list[dict]:
         for method in cfg.method_list:
             name = method if len(seeds) == 1 else f"{method}-seed{seed}"
             res, model = run_method(replace(scfg, out=os.path.join(cfg.out, name)), method, data, mcfg, state, tok, con)
-            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "image_mask", "smooth_image",
+            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "image_mask", "mask_candidates", "smooth_image",
                                                              "context_weight", "val", "data",
                                                              "recombine", "token_mixup", "mask_new", "replay", "epochs", "memory_per_class",
                                                              "memory_bytes")}
@@ -710,6 +713,8 @@ def main(argv=None) -> None:
                    help="share of caption tokens a masked exemplar keeps (1 = whole; the paper's text mask: e.g. 0.8)")
     p.add_argument("--image-mask", default=c.image_mask, choices=IMAGE_MASKS,
                    help="how exmask picks the patches it keeps (paper-mask is the paper's plain rule)")
+    p.add_argument("--mask-candidates", type=int, default=c.mask_candidates,
+                   help="random masks the feature and class rules choose the best of")
     p.add_argument("--val", type=float, default=c.val,
                    help="carve this share of the training rows as validation and report on it (choosing settings)")
     p.add_argument("--smooth-image", type=int, default=c.smooth_image,
@@ -726,7 +731,7 @@ def main(argv=None) -> None:
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
-                     smooth_image=a.smooth_image, image_mask=a.image_mask, val=a.val,
+                     smooth_image=a.smooth_image, image_mask=a.image_mask, mask_candidates=a.mask_candidates, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
     except ValueError as e:
         p.error(str(e))
