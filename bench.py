@@ -428,14 +428,15 @@ def model_speed(o: Opts) -> dict:
             "rows": rows}
 
 
-def phase_loop(o: Opts) -> dict:
+def phase_loop(o: Opts, base=None) -> dict:
     """The phase loop against its own steps: `train.run_method` for exmask (10 phases of 10 classes,
     3 epochs, batch 32, the default settings) with the time spent in training, in choosing and masking
     exemplars and in evaluation measured apart; then every step the loop took, timed alone (the same
     model, batch shapes and replay size, warm, synchronised). share = steps alone / whole phase loop.
     cpu: the default towers on the embedded data (python train.py's run); cuda: a randomly initialised
     timm ViT-B/16 (or --vit) at 224 px with the default text tower, on the embedded data's 6,000
-    image-caption pairs upsampled to 224 px, bf16 autocast; --compile: train.py --compile."""
+    image-caption pairs upsampled to 224 px, bf16 autocast; --compile: train.py --compile; --vit: that
+    timm ViT (random weights) on any device. `base`: a train.Config to start from (tests)."""
     import timm
     import data as D
     import exmask
@@ -444,10 +445,10 @@ def phase_loop(o: Opts) -> dict:
     dev, cuda = o.device, o.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.set_num_threads(o.threads or torch.get_num_threads())
-    cfg = T.Config(device=dev, quiet=True, export=False, compile=o.compile, out=tempfile.mkdtemp())
+    cfg = replace(base or T.Config(), device=dev, quiet=True, export=False, compile=o.compile, out=tempfile.mkdtemp())
     mcfg, state, tok = default_backbone(cfg, dev, T.console(cfg))
     raw = D.make_synth(cfg.synth)
-    if cuda:   # a real-scale image tower, random weights (speed does not depend on them)
+    if cuda or o.vit:   # a real-scale image tower, random weights (speed does not depend on them)
         torch.manual_seed(0)
         ref = timm.create_model(o.vit or "vit_base_patch16_224", pretrained=False, num_classes=0)
         vit = M.ViT(M.vit_config_from_timm(ref))

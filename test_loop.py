@@ -175,3 +175,18 @@ def test_vectorised_token_mixup_shares_text_by_lambda():
         real = r["ids"][i] != 0
         assert len(set(r["pos"][i][real].tolist())) == int(real.sum()) == L
         assert int((r["ids"][i] < 40).sum()) - 2 == round(0.5 * (L - 2))
+
+
+def test_bench_phase_loop_times_the_loop_and_its_steps(tmp_path, monkeypatch):
+    """bench.py phase_loop with a timm ViT in place of the image tower (cuda's ViT-B/16 path; a ViT-Ti
+    at 64 px here), on a tiny config."""
+    import timm
+    import bench
+    from dataclasses import replace
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: real(name, **kw, img_size=64))
+    base = replace(tiny_train_cfg(tmp_path), epochs=1)
+    res = bench.phase_loop(bench.Opts(steps=1, vit="vit_tiny_patch16_224"), base)
+    assert res["vit"]["image_size"] == 64 and len(res["phases"]) == base.phases == len(res["phase_seconds"])
+    assert res["phases"][1]["replayed_per_step"] > 0 and 0 < res["steps_alone_s"]
+    assert 0 < res["train_phase_s"] + res["candidates_s"] + res["evaluate_s"] <= res["phase_loop_s"]
