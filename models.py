@@ -270,8 +270,10 @@ class Attention(nn.Module):
         query 0 (the pooling token) over all N keys, mean over heads: (B, N)."""
         B, N, D = x.shape
         H = self.heads
-        qkv = with_ssf(self.qkv, self.qkv_ssf, x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        q, k, v = qkv.unbind(0)                                              # one transpose, not three
+        # split on the 3 axis, then (B, H, N, Dh) views: the backward stacks dq, dk, dv straight into
+        # qkv's (B, N, 3, H, Dh) layout, one copy (permute(2, 0, 3, 1, 4).unbind(0) takes a second)
+        qkv = with_ssf(self.qkv, self.qkv_ssf, x).view(B, N, 3, H, D // H)  # (B, N, 3, H, Dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                # (B, H, N, Dh) each
         mask = None if keep is None else keep[:, None, None, :]              # (B, 1, 1, N)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
         if self.prompt is not None:
