@@ -156,16 +156,18 @@ class LinearSSF(torch.autograd.Function):
     enough while |s| is not tiny against |t| / |out|. Where |s| < SSF_MIN_SCALE (and at 0, where 1/s
     is inf) the division uses +-SSF_MIN_SCALE instead: that channel's ds is damped by |s| /
     SSF_MIN_SCALE (0 at s = 0), its sign and dt stay right, and Adam's per-parameter normalisation
-    mostly hides the damping. SSF scales start at 1. Under autocast the matmul runs in the autocast
-    dtype, as F.linear would, and the fp32 SSF parameters never promote the activations; their
-    gradients come back in fp32. Compiles without a graph break (torch.compile, dynamic shapes)."""
+    mostly hides the damping. SSF scales start at 1. inv_scale is guarded_inverse(scale), passed in
+    because dynamo (torch 2.14, dynamic shapes) fails to lift a float global into a second traced
+    call of the same Function. Under autocast the matmul runs in the autocast dtype, as F.linear
+    would, and the fp32 SSF parameters never promote the activations; their gradients come back in
+    fp32. Compiles without a graph break (test_compiled_masked_step_equals_eager)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 scale: torch.Tensor, shift: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        w = (weight * scale[:, None]).to(dtype)                                 # (out, in)
+        w = torch.mul(weight, scale[:, None], out=weight.new_empty(weight.shape, dtype=dtype))  # (out, in)
         b = shift if bias is None else torch.addcmul(shift, bias, scale)        # (out,)
         y = F.linear(x.to(dtype), w, b.to(dtype))                               # (..., out)
         acc = torch.promote_types(dtype, torch.float32)
@@ -195,7 +197,8 @@ class LinearSSF(torch.autograd.Function):
 #       LayerNorm-tuning step, test_ssf_train_step_adds_no_matmul) plus one fused reduction per
 #       Linear that reads dy and y.
 #   "fold": autograd through F.linear(x, s W, s b + t), which computes dL/dW' = dy^T x to reach s:
-#       a third matmul per Linear (+50 % of the step's matmul FLOPs), but no activation-sized pass.
+#       a third matmul per Linear (+50 % of the step's matmul FLOPs; x saved for it), but no
+#       activation-sized elementwise pass.
 #   "addcmul": F.linear, then s * out + t in the activation dtype: activation-sized passes forward
 #       (and out saved) and backward (dy * s, dy * out, two sums).
 # Measured before "function" existed (bench.py model_speed, ViT-B/16, batch 256, bf16, NVIDIA H200):
