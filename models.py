@@ -183,11 +183,13 @@ class LinearSSF(torch.autograd.Function):
         ds = dt = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             C = y.shape[-1]
-            # weight=inv: only its dtype matters (it scales the input gradient, not asked for);
-            # without one, CUDA returns empty parameter gradients
-            _, ds, dt = torch.ops.aten.native_batch_norm_backward(
-                dy.reshape(-1, C).contiguous(), y.reshape(-1, C), inv, None, None, t, inv,
-                True, 0.0, [False, True, True])
+            if y.numel() == 0:                            # batch norm's CPU kernel divides by the rows
+                ds, dt = torch.zeros_like(inv), torch.zeros_like(t)
+            else:   # weight=inv: only its dtype matters (it scales the input gradient, not asked for);
+                    # without one, CUDA returns empty parameter gradients
+                _, ds, dt = torch.ops.aten.native_batch_norm_backward(
+                    dy.reshape(-1, C).contiguous(), y.reshape(-1, C), inv, None, None, t, inv,
+                    True, 0.0, [False, True, True])
             ds, dt = ds.to(s_dtype), dt.to(t_dtype)
         return dx, None, None, ds, dt, None
 

@@ -110,17 +110,18 @@ def layer_grads(fn, op: nn.Module, s: M.SSF, x: torch.Tensor, dy: torch.Tensor) 
 
 
 @pytest.mark.parametrize("mode", SSF_TRAIN)
-@pytest.mark.parametrize("op", ["linear", "linear_no_bias", "conv", "linear_trained"])
+@pytest.mark.parametrize("op", ["linear", "linear_no_bias", "conv", "linear_trained", "linear_empty"])
 def test_with_ssf_layer_gradients_match_the_plain_formula(monkeypatch, mode, op):
     """One layer, (B, N, in) input: y and the gradients of the input, scale and shift equal
     op(x) * scale + shift in fp32, for a Linear with and without bias and the patch embedding's
-    Conv2d on flattened patches. A Linear whose weight trains gets its weight gradients too
-    ("function" then falls back to the fold)."""
+    Conv2d on flattened patches, and an empty batch (zero gradients). A Linear whose weight trains
+    gets its weight gradients too ("function" then falls back to the fold)."""
     torch.manual_seed(1)
     layer = {"linear": nn.Linear(12, 20), "linear_no_bias": nn.Linear(12, 20, bias=False),
-             "conv": nn.Conv2d(3, 20, 2, 2), "linear_trained": nn.Linear(12, 20)}[op]
+             "conv": nn.Conv2d(3, 20, 2, 2), "linear_trained": nn.Linear(12, 20), "linear_empty": nn.Linear(12, 20)}[op]
     s = ssf_layer(layer, train_op=op == "linear_trained")
-    x, dy = torch.randn(3, 5, 12), torch.randn(3, 5, 20)
+    B = 0 if op == "linear_empty" else 3
+    x, dy = torch.randn(B, 5, 12), torch.randn(B, 5, 20)
     monkeypatch.setattr(M, "SSF_TRAIN", mode)
     got = layer_grads(M.with_ssf, layer, s, x, dy)
     want = layer_grads(plain_with_ssf, layer, s, x, dy)
