@@ -18,6 +18,7 @@ compare with --threads 1 there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -285,6 +286,50 @@ def mask_precision(o: Opts) -> dict:
     return res
 
 
+# models.SSF_TRAIN's paths, as model_speed's rows note them
+SSF_PATHS = {"function": "LinearSSF: one matmul, no weight-gradient matmul, one fused reduction per Linear",
+             "fold": "SSF folded into Linear weights while training (weight-gradient matmuls)",
+             "addcmul": "addcmul after each Linear (activation-sized passes)"}
+
+
+@contextlib.contextmanager
+def ssf_train(mode: str):
+    """models.SSF_TRAIN = mode inside, restored after."""
+    old, M.SSF_TRAIN = M.SSF_TRAIN, mode
+    try:
+        yield
+    finally:
+        M.SSF_TRAIN = old
+
+
+def ssf_grad_check(mode: str, cfg: M.ViTConfig, dev: str, amp) -> dict:
+    """One qkv-sized Linear + SSF on one image's tokens, trained through models.with_ssf on `mode`
+    under model_speed's autocast: relative error (L2) of y and of the gradients of the input, scale
+    and shift against the plain formula in fp32. Checks on the device itself what the CPU tests
+    cannot, LinearSSF's CUDA reduction; bf16 alone gives a few 1e-3."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    D, T = cfg.dim, cfg.n_patches + 1
+    lin = nn.Linear(D, 3 * D).to(dev).requires_grad_(False)
+    s = M.SSF(3 * D).to(dev)
+    with torch.no_grad():   # as in test_speed: none below LinearSSF's SSF_MIN_SCALE, where it damps ds
+        s.scale.add_(0.5 * torch.randn(3 * D, device=dev, generator=g))
+        s.scale[s.scale.abs() < 0.1] = 0.1
+        s.shift.add_(0.2 * torch.randn(3 * D, device=dev, generator=g))
+    x = torch.randn(1, T, D, device=dev, generator=g)
+    dy = torch.randn(1, T, 3 * D, device=dev, generator=g)
+
+    def run(fn, ctx):
+        xg = x.clone().requires_grad_(True)
+        with ctx:
+            y = fn(xg)
+        grads = torch.autograd.grad((y.float() * dy).sum(), [xg, s.scale, s.shift])
+        return [y.float(), *(t.float() for t in grads)]
+    with ssf_train(mode):
+        got = run(lambda xg: M.with_ssf(lin, s, xg), amp)
+    want = run(lambda xg: lin(xg) * s.scale + s.shift, contextlib.nullcontext())
+    return {k: ((a - b).norm() / b.norm()).item() for k, a, b in zip(("y", "dx", "ds", "dt"), got, want)}
+
+
 # model_speed's timm ViT per device: ViT-B/16 at 224 px on cuda; a ViT-Ti/16 at 112 px on cpu (a minute)
 SPEED_VITS = {"cuda": ("vit_base_patch16_224", {}), "cpu": ("vit_tiny_patch16_224", {"img_size": 112})}
 
@@ -294,9 +339,10 @@ def model_speed(o: Opts) -> dict:
     on cuda, fp32 on cpu), B images per call: inference img/s; a training step (forward, backward,
     Adam) with a linear head of 100 classes: ours with SSF (the default adapter) vs timm with only
     the LayerNorms trained (the same matmuls: frozen weights, activation gradients), ours with the
-    LayerNorms trained (the implementation alone), with SSF folded into the weights while training
-    (models.SSF_FOLD_TRAINING), with prompts, and masked (25 % and 50 % of patches kept); with
-    --compile the main steps again under torch.compile(dynamic=True), as train.py --compile runs.
+    LayerNorms trained (the implementation alone), ours with SSF on each of models.SSF_TRAIN's paths
+    ("step ours SSF" is the default, "function"; then "fold" and "addcmul"), with prompts, and masked
+    (25 % and 50 % of patches kept); with --compile the SSF and timm steps again under
+    torch.compile(dynamic=True), as train.py --compile runs. Before the rows, ssf_grad_check.
     Each row's share of the matmul-rate limit: achieved FLOP/s of a large matmul / the row's
     matmul FLOPs per image (vit_flops; a frozen-backbone step is ~2x the forward, not 3x)."""
     import exmask
@@ -381,24 +427,27 @@ def model_speed(o: Opts) -> dict:
         measure("infer ours SSF unmerged", "inference", N, lambda: ssf_vit.forward_images(images), "infer timm",
                 "SSF folded into the weights per call")
 
+    grad_check = {mode: ssf_grad_check(mode, cfg, dev, amp) for mode in SSF_PATHS}
+    print("  SSF gradients, relative error against fp32 (a Linear of the model's size, one image):", flush=True)
+    for mode, err in grad_check.items():
+        print(f"    {mode:<9}" + " ".join(f"{k} {v:.1e}" for k, v in err.items()), flush=True)
+
     # (b)-(d) training steps, eager
     ref.train()
     is_norm = lambda n: ".norm" in n or n.startswith(("norm.", "head."))
     is_adapter = lambda n: "_ssf." in n or ".prompt" in n
-    full = (pixels, M.all_patches(pixels))
+    full = (pixels, M.all_patches(pixels).contiguous())   # strides as kept(K)'s: no recompile for them
     timm_params = train_only(ref, is_norm)
     measure("step timm LN", "step", N, step(lambda im: ref((im - mean) / std), timm_params, (images,)))
     plain_params = train_only(plain, is_norm) + list(plain_head.parameters())
     measure("step ours LN", "step", N, step(lambda p, i: plain_head(plain(p, i)), plain_params, full), "step timm LN")
     ssf_params = train_only(ssf_vit, is_adapter) + list(ssf_head.parameters())
     ssf_fwd = lambda p, i: ssf_head(ssf_vit(p, i))
-    measure("step ours SSF", "step", N, step(ssf_fwd, ssf_params, full), "step timm LN")
-    M.SSF_FOLD_TRAINING = True
-    try:
-        measure("step ours SSF fold", "step", N, step(ssf_fwd, ssf_params, full), "step timm LN",
-                "SSF folded into Linear weights while training (weight-gradient matmuls)")
-    finally:
-        M.SSF_FOLD_TRAINING = False
+    measure("step ours SSF", "step", N, step(ssf_fwd, ssf_params, full), "step timm LN", SSF_PATHS[M.SSF_TRAIN])
+    for mode in ("fold", "addcmul"):
+        with ssf_train(mode):
+            measure(f"step ours SSF {mode}", "step", N, step(ssf_fwd, ssf_params, full), "step timm LN",
+                    SSF_PATHS[mode])
     prompt_vit, prompt_head = ours("prompt")
     prompt_params = train_only(prompt_vit, is_adapter) + list(prompt_head.parameters())
     measure("step ours prompt", "step", N, step(lambda p, i: prompt_head(prompt_vit(p, i)), prompt_params, full),
@@ -414,7 +463,12 @@ def model_speed(o: Opts) -> dict:
                 "step timm LN", "first_call_s includes compiling")
         cvit = torch.compile(ssf_vit, dynamic=True)
         cfwd = lambda p, i: ssf_head(cvit(p, i))
-        measure("compiled step ours SSF", "step", N, step(cfwd, ssf_params, full), "compiled step timm LN")
+        measure("compiled step ours SSF", "step", N, step(cfwd, ssf_params, full), "compiled step timm LN",
+                SSF_PATHS[M.SSF_TRAIN])
+        for mode in ("fold", "addcmul"):   # dynamo guards on SSF_TRAIN: each path compiles once
+            with ssf_train(mode):
+                measure(f"compiled step ours SSF {mode}", "step", N, step(cfwd, ssf_params, full),
+                        "compiled step timm LN", SSF_PATHS[mode])
         for share in (0.5, 0.25):
             K = exmask.keep_count(N, share)
             measure(f"compiled step ours SSF keep {share:.0%}", "step", K, step(cfwd, ssf_params, kept(K)),
@@ -425,7 +479,7 @@ def model_speed(o: Opts) -> dict:
             "batch": B, "classes": C, "autocast": "bf16" if cuda else None, "steps_timed": steps, "warmup": 2,
             "threads": torch.get_num_threads(), "compile": o.compile, "matmul": rate,
             "gflop_per_img": {"forward": fwd / 1e9, "step": stp / 1e9}, "max_abs_diff_ours_vs_timm": diff,
-            "rows": rows}
+            "ssf_train_default": M.SSF_TRAIN, "ssf_grad_rel_err": grad_check, "rows": rows}
 
 
 def phase_loop(o: Opts, base=None) -> dict:

@@ -134,13 +134,79 @@ def fold_ssf(weight: torch.Tensor, bias: torch.Tensor | None, ssf_mod: nn.Module
     return weight * s.view(-1, *[1] * (weight.dim() - 1)), b * s + t
 
 
-# True: fold an SSF into its Linear's weight also while the SSF trains. Autograd then needs
-# dL/dW' = g^T x to reach the scale, a third matmul per layer (+50 % of a frozen-backbone step's
-# matmul FLOPs, test_ssf_train_step_adds_no_matmul), yet it is the faster step where measured:
-# bench.py model_speed, ViT-B/16, batch 256, bf16, NVIDIA H200: 2,804 img/s folded against 2,279
-# with the addcmul after the Linear (0.82x and 0.67x of timm's LayerNorm-tuning step); the
-# activation-sized elementwise passes and their reductions cost more than the extra matmul.
-SSF_FOLD_TRAINING = True
+# Below this |scale| LinearSSF's backward divides by +-SSF_MIN_SCALE instead (see LinearSSF).
+SSF_MIN_SCALE = 1e-3
+
+
+def guarded_inverse(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale, with |scale| held at SSF_MIN_SCALE or more (the sign kept; +SSF_MIN_SCALE at 0)."""
+    return torch.copysign(scale.abs().clamp_min(SSF_MIN_SCALE), scale).reciprocal()
+
+
+class LinearSSF(torch.autograd.Function):
+    """s * (x W^T + b) + t for a frozen W (out, in), b (out,) or None, trained SSF scale s and shift
+    t (out,): one matmul with the SSF folded into the weight, W' = s[:, None] W, b' = s b + t
+    (weight-sized), and no weight-gradient matmul in the backward. It saves y, the output (which the
+    next op mostly keeps anyway), and W'. Backward, with out = x W^T + b = (y - t) / s:
+      dx = dy W'          (the frozen Linear's input gradient; s is inside W')
+      dt = sum dy,  ds = sum dy * (y - t) / s      (sums over every leading dim, fp32)
+    The two sums are one fused reduction that reads dy and y once: batch norm's backward with mean t
+    and inverse std 1/s, whose weight and bias gradients are exactly ds and dt (CPU and CUDA).
+    (y - t) / s carries y's rounding (fp32, or bf16 under autocast) times |y| / |s * out|: exact
+    enough while |s| is not tiny against |t| / |out|. Where |s| < SSF_MIN_SCALE (and at 0, where 1/s
+    is inf) the division uses +-SSF_MIN_SCALE instead: that channel's ds is damped by |s| /
+    SSF_MIN_SCALE (0 at s = 0), its sign and dt stay right, and Adam's per-parameter normalisation
+    mostly hides the damping. SSF scales start at 1. inv_scale is guarded_inverse(scale), passed in
+    because dynamo (torch 2.14, dynamic shapes) fails to lift a float global into a second traced
+    call of the same Function. Under autocast the matmul runs in the autocast dtype, as F.linear
+    would, and the fp32 SSF parameters never promote the activations; their gradients come back in
+    fp32. Compiles without a graph break (test_compiled_masked_step_equals_eager)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                scale: torch.Tensor, shift: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        w = torch.mul(weight, scale[:, None], out=weight.new_empty(weight.shape, dtype=dtype))  # (out, in)
+        b = shift if bias is None else torch.addcmul(shift, bias, scale)        # (out,)
+        y = F.linear(x.to(dtype), w, b.to(dtype))                               # (..., out)
+        acc = torch.promote_types(dtype, torch.float32)
+        ctx.save_for_backward(y, w, inv_scale.to(acc), shift.to(acc))
+        ctx.dtypes = x.dtype, scale.dtype, shift.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, w, inv, t = ctx.saved_tensors                  # inv = 1/s guarded, both in fp32 (or fp64)
+        x_dtype, s_dtype, t_dtype = ctx.dtypes
+        dx = dy.matmul(w).to(x_dtype) if ctx.needs_input_grad[0] else None
+        ds = dt = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            C = y.shape[-1]
+            if y.numel() == 0:                            # batch norm's CPU kernel divides by the rows
+                ds, dt = torch.zeros_like(inv), torch.zeros_like(t)
+            else:   # weight=inv: only its dtype matters (it scales the input gradient, not asked for);
+                    # without one, CUDA returns empty parameter gradients
+                _, ds, dt = torch.ops.aten.native_batch_norm_backward(
+                    dy.reshape(-1, C).contiguous(), y.reshape(-1, C), inv, None, None, t, inv,
+                    True, 0.0, [False, True, True])
+            ds, dt = ds.to(s_dtype), dt.to(t_dtype)
+        return dx, None, None, ds, dt, None
+
+
+# How a Linear (or the patch embedding) trains the SSF after it; inference always folds.
+#   "function" (default): LinearSSF, one matmul forward, dx backward (the matmuls of timm's
+#       LayerNorm-tuning step, test_ssf_train_step_adds_no_matmul) plus one fused reduction per
+#       Linear that reads dy and y.
+#   "fold": autograd through F.linear(x, s W, s b + t), which computes dL/dW' = dy^T x to reach s:
+#       a third matmul per Linear (+50 % of the step's matmul FLOPs; x saved for it), but no
+#       activation-sized elementwise pass.
+#   "addcmul": F.linear, then s * out + t in the activation dtype: activation-sized passes forward
+#       (and out saved) and backward (dy * s, dy * out, two sums).
+# Measured before "function" existed (bench.py model_speed, ViT-B/16, batch 256, bf16, NVIDIA H200):
+# "fold" 2,804 img/s and "addcmul" 2,279, against 3,427 for timm's LayerNorm-tuning step; the rows
+# "step ours SSF" (function), "... fold" and "... addcmul" of model_speed compare all three.
+SSF_TRAIN = "function"
 
 
 def with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -148,17 +214,22 @@ def with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
     LayerNorm, a Linear, the patch embedding's Conv2d on flattened patches (B, K, C*p*p) (a Linear
     with the weight flattened), or anything else (no fold). LayerNorm: into its affine, weight * s,
     bias * s + t (vector-sized, always). Linear: W * s[:, None], b * s + t (weight-sized) when the
-    SSF gets no gradient or SSF_FOLD_TRAINING is set (the default); else one addcmul after the
-    Linear in the activation dtype."""
+    SSF gets no gradient; while it trains, as SSF_TRAIN says ("function" needs the Linear frozen,
+    else it folds, which trains W too)."""
     if isinstance(op, nn.LayerNorm):
         return F.layer_norm(x, op.normalized_shape, *fold_ssf(op.weight, op.bias, s), op.eps)
     if not isinstance(op, (nn.Linear, nn.Conv2d)):
         return s(op(x))
     w = op.weight.flatten(1)                                                  # (out, in)
-    trains = torch.is_grad_enabled() and isinstance(s, SSF) and s.scale.requires_grad
-    if isinstance(s, SSF) and (SSF_FOLD_TRAINING or not trains):
-        return F.linear(x, *fold_ssf(w, op.bias, s))
-    return s(F.linear(x, w, op.bias))
+    if not isinstance(s, SSF):
+        return F.linear(x, w, op.bias)
+    trains = torch.is_grad_enabled() and (s.scale.requires_grad or s.shift.requires_grad)
+    frozen = not (op.weight.requires_grad or (op.bias is not None and op.bias.requires_grad))
+    if trains and SSF_TRAIN == "function" and frozen:
+        return LinearSSF.apply(x, w, op.bias, s.scale, s.shift, guarded_inverse(s.scale.detach()))
+    if trains and SSF_TRAIN == "addcmul":
+        return s(F.linear(x, w, op.bias))
+    return F.linear(x, *fold_ssf(w, op.bias, s))
 
 
 @torch.no_grad()
@@ -204,8 +275,10 @@ class Attention(nn.Module):
         query 0 (the pooling token) over all N keys, mean over heads: (B, N)."""
         B, N, D = x.shape
         H = self.heads
-        qkv = with_ssf(self.qkv, self.qkv_ssf, x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        q, k, v = qkv.unbind(0)                                              # one transpose, not three
+        # split on the 3 axis, then (B, H, N, Dh) views: the backward stacks dq, dk, dv straight into
+        # qkv's (B, N, 3, H, Dh) layout, one copy (permute(2, 0, 3, 1, 4).unbind(0) takes a second)
+        qkv = with_ssf(self.qkv, self.qkv_ssf, x).view(B, N, 3, H, D // H)  # (B, N, 3, H, Dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                # (B, H, N, Dh) each
         mask = None if keep is None else keep[:, None, None, :]              # (B, 1, 1, N)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
         if self.prompt is not None:
