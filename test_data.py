@@ -180,3 +180,20 @@ def test_fake_cli(tmp_path):
     D.main(["fake", str(tmp_path / "f"), "--n", "5", "--size", "24", "--classes", "2", "--workers", "1"])
     rows = list(csv.DictReader((tmp_path / "f" / "manifest.csv").read_text().splitlines()))
     assert len(rows) == 5 and all((tmp_path / "f" / r["image"]).exists() for r in rows)
+
+
+def test_bench_data_scale_measures_a_cold_and_a_warm_start(tmp_path):
+    import json
+
+    import bench
+    out = str(tmp_path / "bench.json")
+    bench.main(["--only", "data_scale", "--sizes", "6", "--scale-dir", str(tmp_path / "scale"), "--threads", "1",
+                "--out", out])
+    row = json.loads(Path(out).read_text())["results"]["data_scale"]["rows"][0]
+    cold, warm = row["cold"], row["warm"]
+    assert row["images"] == 6 and os.path.exists(tmp_path / "scale" / "fake-6" / "manifest.csv")
+    assert not cold["cache_existed"] and warm["cache_existed"]                 # built once, then hit
+    assert cold["cache_gib"] == pytest.approx(6 * 3 * 224 * 224 / 2 ** 30)
+    for r in (cold, warm):
+        assert 0 < r["startup_s"] < r["process_s"] and r["batch32_ms"] > 0
+        assert 0 < r["peak_anon_mib"] <= r["peak_pss_mib"] and r["peak_rss_mib"] > 0

@@ -130,13 +130,19 @@ def console(cfg: Config):
 
 def read_data(cfg: Config, image_size: int) -> dict:
     if cfg.data:   # the split never depends on the run's seed; images are memory-mapped from the cache
-        con, task = console(cfg), []
-        with progress(con) as bar:   # shown only while a first read decodes the images into the cache
-            def step(done: int, total: int) -> None:
-                if not task:
-                    task.append(bar.add_task("decoding images into the cache (once)", total=total))
-                bar.update(task[0], completed=done)
+        con, bar = console(cfg), []
+
+        def step(done: int, total: int) -> None:   # a bar only while a first read decodes the images
+            if not bar:
+                bar.append(progress(con))
+                bar[0].start()
+                bar[0].add_task("decoding images into the cache (once)", total=total)
+            bar[0].update(bar[0].task_ids[0], completed=done)
+        try:
             raw = D.read_manifest(cfg.data, image_size, cache_dir=cfg.cache_dir, log=con.print, progress=step)
+        finally:
+            for b in bar:
+                b.stop()
     elif image_size != cfg.synth.image_size:
         raise SystemExit(f"error: the embedded data is {cfg.synth.image_size}px; a {image_size}px tower needs --data")
     else:
