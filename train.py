@@ -173,9 +173,11 @@ class Patches:
         idx = torch.as_tensor(idx)
         idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long()
         rows, order = idx.sort()                 # a memory map reads sorted rows much faster than random ones
-        out = torch.empty((len(idx), *self.shape[1:]), dtype=torch.uint8)
-        out[order] = M.patchify(self.images[rows], self.p)                  # back in the order asked for
-        return out
+        # numpy's gather copies whole rows: ~10x faster than torch's indexing of a (N, 3, S, S) uint8 map
+        x = self.images.numpy()[rows.numpy()]                               # (n, 3, S, S)
+        if not torch.equal(rows, idx):
+            x = x[order.argsort().numpy()]                                  # back in the order asked for
+        return M.patchify(torch.from_numpy(x), self.p)
 
 
 def prepare(raw: dict, cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
