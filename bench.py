@@ -52,7 +52,7 @@ class Opts:
     data: str = ""         # mask_precision: a manifest with object masks; "" = the embedded data
     sizes: tuple = (5000, 50000)  # data_scale: manifest sizes (images)
     scale_dir: str = os.path.join(tempfile.gettempdir(), "exmask-scale")  # data_scale: manifests and caches
-    scale_steps: int = 0   # data_scale: ViT-B/16 training steps after the warm start-up (0 = none)
+    scale_steps: int = 0   # data_scale: ViT-B/16 training steps after the largest warm start-up (0 = none)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -456,12 +456,13 @@ def tree_memory() -> dict[str, int]:
 
 
 def data_startup(manifest: str, cache_dir: str, threads: int = 0, steps: int = 0, image_size: int = 224,
-                 patch: int = 16, reads: int = 5) -> dict:
+                 patch: int = 16, dims: tuple = (768, 12, 12), reads: int = 5) -> dict:
     """What train.py does with a manifest before its first step, in this process: read_data (the
-    manifest, the image cache: built or opened) and prepare (token ids, the patch view), with a
-    ViT-B/16 at `image_size` px; then `reads` batches of 32 random rows cut from the view, and
-    `steps` SSF training steps of that ViT-B/16 (random weights: memory and time are the same) on
-    them. Peak memory sampled every 0.1 s (tree_memory) and the process's peak RSS."""
+    manifest, the image cache: built or opened) and prepare (token ids, the patch view), with a ViT
+    of `dims` (dim, depth, heads: ViT-B/16 by default) at `image_size` px; then `reads` batches of 32
+    random rows cut from the view, and `steps` SSF training steps of that ViT (random weights: memory
+    and time are the same) on such batches. Peak memory sampled every 0.1 s (tree_memory) and the
+    process's peak RSS."""
     import resource
     import threading
 
@@ -472,10 +473,13 @@ def data_startup(manifest: str, cache_dir: str, threads: int = 0, steps: int = 0
     peak = {"pss": 0, "anon": 0}
     stop = threading.Event()
 
+    def note():
+        for k, v in tree_memory().items():
+            peak[k] = max(peak[k], v)
+
     def sample():
         while not stop.is_set():
-            for k, v in tree_memory().items():
-                peak[k] = max(peak[k], v)
+            note()
             stop.wait(0.1)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -487,7 +491,7 @@ def data_startup(manifest: str, cache_dir: str, threads: int = 0, steps: int = 0
     raw = read_data(cfg, image_size)
     res["read_data_s"] = time.perf_counter() - t
     tok = D.SPTokenizer.train(raw["texts"][:2000], 400)   # train.py's comes with the towers: not timed
-    vit = M.ViTConfig(image_size=image_size, patch_size=patch, dim=768, depth=12, heads=12)
+    vit = M.ViTConfig(image_size=image_size, patch_size=patch, dim=dims[0], depth=dims[1], heads=dims[2])
     mcfg = M.ModelConfig(vit=vit, text=M.TextConfig(vocab_size=tok.vocab_size))
     t = time.perf_counter()
     data = prepare(raw, cfg, mcfg, tok)
@@ -499,9 +503,10 @@ def data_startup(manifest: str, cache_dir: str, threads: int = 0, steps: int = 0
     for _ in range(reads):
         b = torch.randperm(N, generator=g)[:32]
         t = time.perf_counter()
-        x = data["patches"][b]                                                  # (32, 196, 768) uint8
+        x = data["patches"][b]                                                  # (32, n_patches, 3*p*p) uint8
         ms.append(1e3 * (time.perf_counter() - t))
     res["batch32_ms"], res["batch32_ms_first"] = statistics.median(ms), ms[0]
+    note()
     res["startup_peak_pss_mib"], res["startup_peak_anon_mib"] = mib(peak["pss"]), mib(peak["anon"])
     if steps:
         model = M.TwoTower(mcfg, len(data["class_names"]))
@@ -518,6 +523,7 @@ def data_startup(manifest: str, cache_dir: str, threads: int = 0, steps: int = 0
         res["train_steps"], res["train_step_s"] = steps, (time.perf_counter() - t) / steps
     stop.set()
     sampler.join()
+    note()
     res["peak_pss_mib"], res["peak_anon_mib"] = mib(peak["pss"]), mib(peak["anon"])
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
     res["images"], res["cache_gib"] = N, raw["images"].numel() / 2 ** 30
@@ -528,7 +534,8 @@ def data_scale(o: Opts) -> dict:
     """Data at scale: for each size in o.sizes, a generated manifest of 224 px JPEGs (data.make_fake,
     under o.scale_dir, reused when there), then in a fresh process (data_startup) train.py's start-up
     on it twice: cold (no image cache: it is built) and warm (a cache hit). Wall seconds, peak memory,
-    ms per batch of 32 random rows; with --scale-steps, training steps of a ViT-B/16 after the warm one."""
+    ms per batch of 32 random rows; with --scale-steps, training steps of a ViT-B/16 after the largest
+    manifest's warm start-up (does a 224-px run fit in RAM?)."""
     import shutil
     import subprocess
     import sys
@@ -549,7 +556,7 @@ def data_scale(o: Opts) -> dict:
         cache = os.path.join(o.scale_dir, f"cache-{n}")
         shutil.rmtree(cache, ignore_errors=True)
         for run in ("cold", "warm"):
-            steps = o.scale_steps if run == "warm" else 0
+            steps = o.scale_steps if run == "warm" and n == max(o.sizes) else 0
             code = (f"import json, bench; r = bench.data_startup({manifest!r}, {cache!r}, {o.threads}, {steps}); "
                     "print('RESULT', json.dumps(r))")
             t = time.perf_counter()
@@ -559,8 +566,8 @@ def data_scale(o: Opts) -> dict:
             r = json.loads(p.stdout.rsplit("RESULT ", 1)[1])
             r["process_s"] = time.perf_counter() - t                    # with the interpreter and torch import
             row[run] = r
-            print(f"  {n:,} images, {run}: start-up {r['startup_s']:.1f}s, peak {r['peak_pss_mib']:,.0f} MiB "
-                  f"({r['peak_anon_mib']:,.0f} MiB anonymous), batch of 32 {r['batch32_ms']:.1f} ms", flush=True)
+            print(f"  {n:,} images, {run}: start-up {r['startup_s']:.1f}s, peak {r['startup_peak_pss_mib']:,.0f} MiB "
+                  f"({r['startup_peak_anon_mib']:,.0f} MiB anonymous), batch of 32 {r['batch32_ms']:.1f} ms", flush=True)
         res["rows"].append(row)
     return res
 
@@ -620,6 +627,7 @@ def show(name: str, res: dict) -> None:
         for rule, r in res["rules"].items():
             print(f"  {rule:>8} {100 * r['on_object']:>9.1f}% {r['fidelity']:>9.3f}")
     elif name == "data_scale":
+        steps = [(row["images"], row["warm"]) for row in res["rows"] if "train_steps" in row["warm"]]
         print(f"data_scale ({res['image_size']} px; start-up = read_data + prepare; peak: proportional memory of "
               f"the process and its decode workers, anonymous = what must fit in RAM)")
         print(f"  {'images':>8} {'cache GiB':>9} {'run':>5} {'start-up s':>10} {'process s':>9} {'peak MiB':>9} "
@@ -628,7 +636,11 @@ def show(name: str, res: dict) -> None:
             for run in ("cold", "warm"):
                 r = row[run]
                 print(f"  {row['images']:>8,} {r['cache_gib']:>9.2f} {run:>5} {r['startup_s']:>10.1f} "
-                      f"{r['process_s']:>9.1f} {r['peak_pss_mib']:>9,.0f} {r['peak_anon_mib']:>9,.0f} {r['batch32_ms']:>8.1f}")
+                      f"{r['process_s']:>9.1f} {r['startup_peak_pss_mib']:>9,.0f} {r['startup_peak_anon_mib']:>9,.0f} "
+                      f"{r['batch32_ms']:>8.1f}")
+        for n, r in steps:
+            print(f"  then {r['train_steps']} ViT-B/16 SSF training steps of 32 images on the {n:,}: {r['train_step_s']:.1f} s "
+                  f"a step, peak {r['peak_pss_mib']:,.0f} MiB ({r['peak_anon_mib']:,.0f} MiB anonymous)")
     else:
         print(name, json.dumps(res, indent=1))
 
