@@ -51,6 +51,9 @@ class Opts:
     compile: bool = False  # model_speed: also the training steps under torch.compile(dynamic=True)
     vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
     data: str = ""         # mask_precision: a manifest with object masks; "" = the embedded data
+    sizes: tuple = (5000, 50000)  # data_scale: manifest sizes (images)
+    scale_dir: str = os.path.join(tempfile.gettempdir(), "exmask-scale")  # data_scale: manifests and caches
+    scale_steps: int = 0   # data_scale: ViT-B/16 training steps after the largest warm start-up (0 = none)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -588,8 +591,150 @@ def phase_loop(o: Opts, base=None) -> dict:
     return out
 
 
+def tree_memory() -> dict[str, int]:
+    """Proportional memory (bytes) of this process and its children (the decode workers), from
+    /proc: pss (everything, shared pages split between their users), anon (what must fit in RAM;
+    the rest is file pages, such as the image cache's, that the kernel can drop and read again)."""
+    me = os.getpid()
+    pids = [me]
+    for t in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{t}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    out = {"pss": 0, "anon": 0}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in f if ln[0].isupper())}
+        except (OSError, ValueError):
+            continue   # a worker that just ended
+        out["pss"] += kb.get("Pss", 0) * 1024
+        out["anon"] += kb.get("Pss_Anon", 0) * 1024
+    return out
+
+
+def data_startup(manifest: str, cache_dir: str, threads: int = 0, steps: int = 0, image_size: int = 224,
+                 patch: int = 16, dims: tuple = (768, 12, 12), reads: int = 5) -> dict:
+    """What train.py does with a manifest before its first step, in this process: read_data (the
+    manifest, the image cache: built or opened) and prepare (token ids, the patch view), with a ViT
+    of `dims` (dim, depth, heads: ViT-B/16 by default) at `image_size` px; then `reads` batches of 32
+    random rows cut from the view, and `steps` SSF training steps of that ViT (random weights: memory
+    and time are the same) on such batches. Peak memory sampled every 0.1 s (tree_memory) and the
+    process's peak RSS."""
+    import resource
+    import threading
+
+    import data as D
+    from train import Config, prepare, read_data
+    if threads:
+        torch.set_num_threads(threads)
+    peak = {"pss": 0, "anon": 0}
+    stop = threading.Event()
+
+    def note():
+        for k, v in tree_memory().items():
+            peak[k] = max(peak[k], v)
+
+    def sample():
+        while not stop.is_set():
+            note()
+            stop.wait(0.1)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    mib = lambda b: b / 2 ** 20
+    res = {"imported_pss_mib": mib(tree_memory()["pss"])}
+    cfg = Config(data=manifest, cache_dir=cache_dir, quiet=True)
+    res["cache_existed"] = os.path.isdir(os.path.join(cache_dir, "images"))
+    t = time.perf_counter()
+    raw = read_data(cfg, image_size)
+    res["read_data_s"] = time.perf_counter() - t
+    tok = D.SPTokenizer.train(raw["texts"][:2000], 400)   # train.py's comes with the towers: not timed
+    vit = M.ViTConfig(image_size=image_size, patch_size=patch, dim=dims[0], depth=dims[1], heads=dims[2])
+    mcfg = M.ModelConfig(vit=vit, text=M.TextConfig(vocab_size=tok.vocab_size))
+    t = time.perf_counter()
+    data = prepare(raw, cfg, mcfg, tok)
+    res["prepare_s"] = time.perf_counter() - t
+    res["startup_s"] = res["read_data_s"] + res["prepare_s"]
+    N = len(data["labels"])
+    g = torch.Generator().manual_seed(0)
+    ms = []
+    for _ in range(reads):
+        b = torch.randperm(N, generator=g)[:32]
+        t = time.perf_counter()
+        x = data["patches"][b]                                                  # (32, n_patches, 3*p*p) uint8
+        ms.append(1e3 * (time.perf_counter() - t))
+    res["batch32_ms"], res["batch32_ms_first"] = statistics.median(ms), ms[0]
+    note()
+    res["startup_peak_pss_mib"], res["startup_peak_anon_mib"] = mib(peak["pss"]), mib(peak["anon"])
+    if steps:
+        model = M.TwoTower(mcfg, len(data["class_names"]))
+        model.freeze_backbone()
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        t = time.perf_counter()
+        for _ in range(steps):
+            b = torch.randperm(N, generator=g)[:32]
+            x = data["patches"][b]
+            loss = F.cross_entropy(model.forward_tokens(x, M.all_patches(x), data["ids"][b]), data["labels"][b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        res["train_steps"], res["train_step_s"] = steps, (time.perf_counter() - t) / steps
+    stop.set()
+    sampler.join()
+    note()
+    res["peak_pss_mib"], res["peak_anon_mib"] = mib(peak["pss"]), mib(peak["anon"])
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    res["images"], res["cache_gib"] = N, raw["images"].numel() / 2 ** 30
+    return res
+
+
+def data_scale(o: Opts) -> dict:
+    """Data at scale: for each size in o.sizes, a generated manifest of 224 px JPEGs (data.make_fake,
+    under o.scale_dir, reused when there), then in a fresh process (data_startup) train.py's start-up
+    on it twice: cold (no image cache: it is built) and warm (a cache hit). Wall seconds, peak memory,
+    ms per batch of 32 random rows; with --scale-steps, training steps of a ViT-B/16 after the largest
+    manifest's warm start-up (does a 224-px run fit in RAM?)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import data as D
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = {"image_size": 224, "scale_dir": o.scale_dir, "rows": []}
+    for n in o.sizes:
+        folder = os.path.join(o.scale_dir, f"fake-{n}")
+        manifest = os.path.join(folder, "manifest.csv")
+        row = {"images": n}
+        if not os.path.exists(manifest):
+            t = time.perf_counter()
+            D.make_fake(folder, n)
+            row["generate_s"] = time.perf_counter() - t
+        row["jpeg_mib"] = sum(e.stat().st_size for d in os.scandir(os.path.join(folder, "images"))
+                              for e in os.scandir(d)) / 2 ** 20
+        cache = os.path.join(o.scale_dir, f"cache-{n}")
+        shutil.rmtree(cache, ignore_errors=True)
+        for run in ("cold", "warm"):
+            steps = o.scale_steps if run == "warm" and n == max(o.sizes) else 0
+            code = (f"import json, bench; r = bench.data_startup({manifest!r}, {cache!r}, {o.threads}, {steps}); "
+                    "print('RESULT', json.dumps(r))")
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, check=False)
+            if p.returncode:
+                raise SystemExit(f"error: data_startup on {manifest} failed:\n{p.stderr[-2000:]}")
+            r = json.loads(p.stdout.rsplit("RESULT ", 1)[1])
+            r["process_s"] = time.perf_counter() - t                    # with the interpreter and torch import
+            row[run] = r
+            print(f"  {n:,} images, {run}: start-up {r['startup_s']:.1f}s, peak {r['startup_peak_pss_mib']:,.0f} MiB "
+                  f"({r['startup_peak_anon_mib']:,.0f} MiB anonymous), batch of 32 {r['batch32_ms']:.1f} ms", flush=True)
+        res["rows"].append(row)
+    return res
+
+
 BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency, "replay_cost": replay_cost,
-              "mask_precision": mask_precision, "model_speed": model_speed, "phase_loop": phase_loop}
+              "mask_precision": mask_precision, "model_speed": model_speed, "phase_loop": phase_loop,
+              "data_scale": data_scale}
 
 
 # ----------------------------------------------------------------------------- report
@@ -646,6 +791,21 @@ def show(name: str, res: dict) -> None:
         print(f"  {'rule':>8} {'on object':>10} {'fidelity':>9}")
         for rule, r in res["rules"].items():
             print(f"  {rule:>8} {100 * r['on_object']:>9.1f}% {r['fidelity']:>9.3f}")
+    elif name == "data_scale":
+        steps = [(row["images"], row["warm"]) for row in res["rows"] if "train_steps" in row["warm"]]
+        print(f"data_scale ({res['image_size']} px; start-up = read_data + prepare; peak: proportional memory of "
+              f"the process and its decode workers, anonymous = what must fit in RAM)")
+        print(f"  {'images':>8} {'cache GiB':>9} {'run':>5} {'start-up s':>10} {'process s':>9} {'peak MiB':>9} "
+              f"{'anon MiB':>9} {'batch ms':>8}")
+        for row in res["rows"]:
+            for run in ("cold", "warm"):
+                r = row[run]
+                print(f"  {row['images']:>8,} {r['cache_gib']:>9.2f} {run:>5} {r['startup_s']:>10.1f} "
+                      f"{r['process_s']:>9.1f} {r['startup_peak_pss_mib']:>9,.0f} {r['startup_peak_anon_mib']:>9,.0f} "
+                      f"{r['batch32_ms']:>8.1f}")
+        for n, r in steps:
+            print(f"  then {r['train_steps']} ViT-B/16 SSF training steps of 32 images on the {n:,}: {r['train_step_s']:.1f} s "
+                  f"a step, peak {r['peak_pss_mib']:,.0f} MiB ({r['peak_anon_mib']:,.0f} MiB anonymous)")
     else:
         print(name, json.dumps(res, indent=1))
 
@@ -665,9 +825,13 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="model_speed: also the compiled training steps")
     p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
     p.add_argument("--data", default=o.data, help="mask_precision: a manifest with object masks (default: embedded)")
+    p.add_argument("--sizes", default=",".join(map(str, o.sizes)), help="data_scale: manifest sizes, comma-separated")
+    p.add_argument("--scale-dir", default=o.scale_dir, help="data_scale: where the manifests and caches go (GBs)")
+    p.add_argument("--scale-steps", type=int, default=o.scale_steps, help="data_scale: ViT-B/16 training steps after start-up")
     a = p.parse_args(argv)
     opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, device=a.device, batch=a.batch,
-                steps=a.steps, compile=a.compile, vit=a.vit, data=a.data)
+                steps=a.steps, compile=a.compile, vit=a.vit, data=a.data, sizes=tuple(int(x) for x in a.sizes.split(",")),
+                scale_dir=a.scale_dir, scale_steps=a.scale_steps)
     report = {"results": {}}
     if os.path.exists(a.out):
         with open(a.out) as f:

@@ -9,17 +9,26 @@ together are not: the task needs both towers. The same generator with another se
 disjoint pretraining corpus for the default towers.
 
 A dataset here is a plain dict of tensors and lists:
-  images (N, 3, S, S) uint8, texts [str]*N, labels (N,) int64, split (N,) bool is_test,
-  class_names [str]*C, and where known objects (N, S, S) uint8: the object mask (0..255)
+  images (N, 3, S, S) uint8 (a manifest's: memory-mapped from the on-disk image cache), texts [str]*N,
+  labels (N,) int64, split (N,) bool is_test, class_names [str]*C, and where known objects (N, S, S)
+  uint8: the object mask (0..255)
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
+import hashlib
 import io
 import json
+import math
+import multiprocessing as mp
 import os
 import re
 import shutil
+import sys
+import uuid
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,17 +166,23 @@ def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
 
 # ----------------------------------------------------------------------------- manifests
 
-def load_image(path: str, size: int) -> torch.Tensor:
-    """One image file -> (3, size, size) uint8, the same preprocessing for training and serving."""
+def decode_image(path: str, size: int) -> np.ndarray:
+    """One image file -> (3, size, size) uint8 array: the one preprocessing for training, the image
+    cache and serving. A missing or unreadable file is a one-line `error:` naming it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+            return np.asarray(im).transpose(2, 0, 1).copy()                   # (3, S, S)
     except FileNotFoundError:
         raise SystemExit(f"error: image not found: {path}") from None
     except OSError as e:
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """One image file -> (3, size, size) uint8 tensor (decode_image)."""
+    return torch.from_numpy(decode_image(path, size))
 
 
 def read_rows(path: str, required: tuple = ("image", "text", "label")) -> list[dict]:
@@ -203,15 +218,171 @@ def load_mask(path: str, size: int) -> torch.Tensor:
         raise SystemExit(f"error: cannot read mask {path}: {e}") from None
 
 
-def read_manifest(path: str, image_size: int, test_share: float = 0.2, seed: int = 0) -> dict:
+# ----------------------------------------------------------------------------- the image cache
+
+# A manifest's images are decoded once, in parallel, into one uint8 file (N, 3, S, S) that is
+# memory-mapped and read by batch, so a manifest larger than RAM trains. Beside it a small JSON index
+# holds the format version, the key, the shape and each row's crc32. The key covers the manifest's
+# bytes, the image size and every image file's path, size and mtime: an edited image makes the cache
+# stale. The file is named by the manifest's location and the image size, so a stale cache is
+# replaced, not left beside the new one.
+CACHE_VERSION = 1
+CHECK_ROWS = 64            # rows whose checksum is verified each time a cache is opened (all of a small one)
+
+
+def cache_root(path: str = "") -> str:
+    """Where exmask caches things: `path`, else $EXMASK_CACHE, else ~/.cache/exmask."""
+    return path or os.environ.get("EXMASK_CACHE") or os.path.expanduser("~/.cache/exmask")
+
+
+def cores() -> int:
+    """The cores this process may use (a pool's default size)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cache_key(manifest: str, paths: list[str], size: int) -> str:
+    """A fingerprint of what the cache holds: the manifest's bytes, the size, each image file's
+    path, size and mtime. A missing image is an `error:` here, before anything is decoded."""
+    h = hashlib.sha256(f"exmask image cache v{CACHE_VERSION}, {size} px\n".encode())
+    with open(manifest, "rb") as f:
+        h.update(f.read())
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise SystemExit(f"error: image not found: {p}") from None
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode_rows(job: tuple) -> tuple[int, list[int] | str]:
+    """Worker: decode `paths` into the cache file `out` from row lo on (plain writes, not a memory
+    map: the worker's memory stays one image). Returns (lo, each row's crc32), or (lo, the error line)."""
+    out, size, lo, paths = job
+    crcs = []
+    with open(out, "r+b") as f:
+        f.seek(lo * 3 * size * size)
+        try:
+            for p in paths:
+                row = decode_image(p, size)                                     # (3, S, S)
+                f.write(row.data)
+                crcs.append(zlib.crc32(row))
+        except SystemExit as e:
+            return lo, str(e)
+    return lo, crcs
+
+
+def decode_images(paths: list[str], size: int, out: str, workers: int = 0, progress=None) -> list[int]:
+    """Decode every image into the new file `out`, (N, 3, size, size) uint8, on `workers` processes
+    (0 = every core this process may use); progress(done, total) after each chunk. Returns each row's
+    crc32. A bad image stops the work with its `error:` line."""
+    N = len(paths)
+    with open(out, "wb") as f:
+        f.truncate(N * 3 * size * size)                                         # sparse until written
+    workers = workers or cores()
+    step = max(1, min(256, -(-N // (4 * workers))))                             # a few chunks per worker
+    jobs = [(out, size, lo, paths[lo:lo + step]) for lo in range(0, N, step)]
+    crcs, done = [0] * N, 0
+    # fork: workers start at once and share the parent's modules; they use PIL and numpy, not torch
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    with (ctx.Pool(workers) if workers > 1 and len(jobs) > 1 else contextlib.nullcontext()) as pool:
+        for lo, res in (pool.imap_unordered(_decode_rows, jobs) if pool else map(_decode_rows, jobs)):
+            if isinstance(res, str):
+                raise SystemExit(res)
+            crcs[lo:lo + len(res)] = res
+            done += len(res)
+            if progress:
+                progress(done, N)
+    return crcs
+
+
+def check_cache(base: str, key: str, shape: tuple) -> str:
+    """"" when the cache at `base` (.u8 and .json) is whole and current, else why not."""
+    if not os.path.exists(base + ".json"):
+        return "its index is missing" if os.path.exists(base + ".u8") else "missing"
+    try:
+        with open(base + ".json") as f:
+            meta = json.load(f)
+        crcs = meta["crc32"]
+        if meta["version"] != CACHE_VERSION or len(crcs) != meta["shape"][0]:
+            return "its index is of another format"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "its index is unreadable"
+    if meta["key"] != key:
+        return "stale (the manifest or an image changed since it was built)"
+    if tuple(meta["shape"]) != tuple(shape):
+        return "its index is of another shape"
+    want = math.prod(shape)
+    have = os.path.getsize(base + ".u8") if os.path.exists(base + ".u8") else 0
+    if have != want:
+        return f"the file has {have:,} bytes instead of {want:,}"
+    mm = np.memmap(base + ".u8", np.uint8, "r", shape=shape)
+    N = shape[0]
+    rows = np.arange(N) if N <= CHECK_ROWS else np.unique(np.r_[0, N - 1, np.random.default_rng().choice(N, CHECK_ROWS - 2)])
+    for i in rows:   # ascending: front to back on the disk
+        if zlib.crc32(mm[i]) != crcs[i]:
+            return f"corrupt (row {i} fails its checksum)"
+    return ""
+
+
+def _remove_orphans(base: str) -> None:
+    """Delete the temporary files of builds at `base` whose process is gone (killed mid-build): at
+    scale each is gigabytes. A build still running in another process keeps its files."""
+    for f in glob.glob(glob.escape(base) + ".*-*"):
+        pid = f[len(base) + 1:].split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(f)
+        except (ValueError, PermissionError):   # not one of ours / alive under another user
+            pass
+
+
+def image_cache(manifest: str, paths: list[str], size: int, cache_dir: str = "", workers: int = 0,
+                log=print, progress=None) -> np.memmap:
+    """The images of `paths` (the rows of `manifest`) at `size` px as a memmap (N, 3, size, size)
+    uint8, decoded once into the cache (cache_root(cache_dir)/images) and opened from there
+    afterwards; a missing, corrupt or stale cache is (re)built."""
+    shape = (len(paths), 3, size, size)
+    key = cache_key(manifest, paths, size)
+    root = os.path.join(cache_root(cache_dir), "images")
+    where = hashlib.sha256(os.path.abspath(manifest).encode()).hexdigest()[:8]
+    base = os.path.join(root, f"{os.path.splitext(os.path.basename(manifest))[0]}-{where}-{size}px")
+    why = check_cache(base, key, shape)
+    if why:
+        log(f"image cache {base}.u8: {why}; " + ("building it" if why == "missing" else "rebuilding it") +
+            f" ({len(paths):,} images, {math.prod(shape) / 2 ** 20:,.0f} MiB)")
+        os.makedirs(root, exist_ok=True)
+        _remove_orphans(base)
+        tmp = f"{base}.{os.getpid()}-{uuid.uuid4().hex[:8]}"    # processes side by side never share a file
+        try:
+            crcs = decode_images(paths, size, tmp + ".u8", workers, progress)
+            with open(tmp + ".json", "w") as f:
+                json.dump({"version": CACHE_VERSION, "key": key, "shape": shape,
+                           "manifest": os.path.abspath(manifest), "crc32": crcs}, f)
+            os.replace(tmp + ".u8", base + ".u8")      # the index last: it vouches for a whole file
+            os.replace(tmp + ".json", base + ".json")
+        finally:
+            for ext in (".u8", ".json"):
+                if os.path.exists(tmp + ext):
+                    os.remove(tmp + ext)
+    # copy-on-write: a writable array for torch.from_numpy; nothing written ever reaches the file
+    return np.memmap(base + ".u8", np.uint8, "c", shape=shape)
+
+
+def read_manifest(path: str, image_size: int, test_share: float = 0.2, seed: int = 0, cache_dir: str = "",
+                  workers: int = 0, log=print, progress=None) -> dict:
     """A CSV (with header) or JSONL manifest with fields image, text, label, optional split and
     optional mask (an object-mask image, as data.py icons writes). Without a split, a stratified
-    split seeded by `seed` alone: train.py passes a fixed seed, so every run seed tests on the same rows."""
+    split seeded by `seed` alone: train.py passes a fixed seed, so every run seed tests on the same rows.
+    "images" is backed by the on-disk image cache (image_cache: built on the first read, with
+    `workers` processes and progress(done, total)), so it costs no RAM until rows are read."""
     rows = read_rows(path)
     class_names = sorted({str(r["label"]) for r in rows})
     idx = {c: i for i, c in enumerate(class_names)}
     labels = torch.tensor([idx[str(r["label"])] for r in rows])
-    images = torch.stack([load_image(r["path"], image_size) for r in rows])
+    images = torch.from_numpy(image_cache(path, [r["path"] for r in rows], image_size, cache_dir, workers, log,
+                                          progress))                                      # (N, 3, S, S) uint8
     if "split" in rows[0] and all(r.get("split") for r in rows):
         is_test = torch.tensor([r["split"].strip().lower() == "test" for r in rows])
     else:   # seeded stratified split
@@ -578,6 +749,56 @@ def phase_classes(order: list[int], phases: int, first: int = 0) -> list[list[in
     return [order[:first]] + [order[first + i * step: first + (i + 1) * step] for i in range(phases - 1)]
 
 
+# ----------------------------------------------------------------------------- fake manifests, for measuring
+
+def _fake_rows(job: tuple) -> int:
+    """Worker: write the JPEGs of rows lo.. of a fake manifest; each image from its own seed, so the
+    files do not depend on how the rows were shared out."""
+    from PIL import Image, ImageDraw
+    out, lo, colors, size, seed = job
+    for i, col in enumerate(colors, lo):
+        rng = np.random.default_rng([seed, i])
+        # smooth colour fields plus grain: JPEGs about as large as photos' at this size
+        low = rng.uniform(0, 255, (int(rng.integers(3, 9)),) * 2 + (3,)).astype(np.uint8)
+        bg = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), np.float32)
+        img = Image.fromarray(np.clip(bg + rng.normal(0, 6, bg.shape), 0, 255).astype(np.uint8))
+        o = int(size * rng.uniform(0.2, 0.5))
+        x, y = rng.integers(0, size - o, 2)
+        ImageDraw.Draw(img).ellipse((int(x), int(y), int(x) + o, int(y) + o), fill=tuple(col))
+        img.save(os.path.join(out, "images", f"{i // 1000:03d}", f"{i:06d}.jpg"), quality=90)
+    return len(colors)
+
+
+def make_fake(out: str, n: int, size: int = 224, classes: int = 100, seed: int = 0, workers: int = 0,
+              log=print) -> str:
+    """A generated manifest for measuring data at scale: out/manifest.csv (image, text, label) and
+    n JPEGs of size x size under out/images/ (a class-coloured disc on a random smooth background
+    with grain), written by `workers` processes (0 = every core). Returns the manifest's path."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    colors = rng.integers(0, 256, (classes, 3))[labels]                       # each class its colour
+    for d in range(-(-n // 1000)):
+        os.makedirs(os.path.join(out, "images", f"{d:03d}"), exist_ok=True)
+    workers = workers or cores()
+    jobs = [(out, lo, colors[lo:lo + 500].tolist(), size, seed) for lo in range(0, n, 500)]
+    done = 0
+    with mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers) as pool:
+        for k in pool.imap_unordered(_fake_rows, jobs):
+            done += k
+            if done % 10000 < k or done == n:
+                log(f"  {done:,}/{n:,} images")
+    path = os.path.join(out, "manifest.csv")
+    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(("image", "text", "label"))
+        for i, c in enumerate(labels.tolist()):
+            fill = " ".join(FILLERS[j] for j in rng.integers(0, len(FILLERS), 3))
+            w.writerow((f"images/{i // 1000:03d}/{i:06d}.jpg", f"a {fill} photo of a class{c:03d} thing", f"class{c:03d}"))
+    os.replace(path + ".tmp", path)   # the manifest last: where it exists, every image does
+    log(f"wrote {path}: {n:,} images of {size} px, {classes} classes")
+    return path
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> None:
@@ -595,7 +816,17 @@ def main(argv=None) -> None:
                     f"(0 = {ICON_MIN_THEMES})")
     ic.add_argument("--size", type=int, default=64, help="image side in pixels")
     ic.add_argument("--seed", type=int, default=0)
+    fk = sub.add_parser("fake", help="a generated manifest of JPEGs, for measuring data at scale")
+    fk.add_argument("out", help="output folder (manifest.csv, images/)")
+    fk.add_argument("--n", type=int, default=5000, help="images")
+    fk.add_argument("--size", type=int, default=224, help="image side in pixels")
+    fk.add_argument("--classes", type=int, default=100)
+    fk.add_argument("--seed", type=int, default=0)
+    fk.add_argument("--workers", type=int, default=0, help="processes (0 = every core)")
     a = p.parse_args(argv)
+    if a.cmd == "fake":
+        make_fake(a.out, a.n, a.size, a.classes, a.seed, a.workers)
+        return
     themes = tuple(t for t in a.themes.split(",") if t) or ICON_SETS[a.set]
     build_icons(a.themes_root, a.out, themes, a.classes, a.per_class, a.min_themes or ICON_MIN_THEMES[a.set], a.size,
                 seed=a.seed)

@@ -264,10 +264,10 @@ def test_manifest_csv_and_jsonl(tmp_path):
         f.write("image,text,label\n" + "".join(f"{r['image']},{r['text']},{r['label']}\n" for r in rows))
     with open(tmp_path / "m.jsonl", "w") as f:
         f.write("".join(json.dumps(dict(r, split="test" if i < 2 else "train")) + "\n" for i, r in enumerate(rows)))
-    a = D.read_manifest(str(tmp_path / "m.csv"), 16, test_share=0.34)
+    a = D.read_manifest(str(tmp_path / "m.csv"), 16, test_share=0.34, cache_dir=str(tmp_path / "c"))
     assert a["images"].shape == (6, 3, 16, 16) and a["class_names"] == ["cat", "dog"]
     assert a["is_test"].sum() == 2 and set(a["labels"][a["is_test"]].tolist()) == {0, 1}   # stratified
-    b = D.read_manifest(str(tmp_path / "m.jsonl"), 16)
+    b = D.read_manifest(str(tmp_path / "m.jsonl"), 16, cache_dir=str(tmp_path / "c"))
     assert b["is_test"].tolist() == [True, True, False, False, False, False]
     (tmp_path / "bad.csv").write_text("image,caption\nx.png,hi\n")
     with pytest.raises(SystemExit, match="lacks field"):

@@ -52,7 +52,7 @@ def test_icons_builder_writes_a_manifest_with_object_masks(tmp_path):
     assert len(rows) == 30 and sum(r["split"] == "test" for r in rows) == 6            # 20 % of each class
     for c in ("folder", "printer", "user-trash"):
         assert sum(r["split"] == "test" for r in rows if r["label"] == c) == 2
-    raw = D.read_manifest(path, 16)
+    raw = D.read_manifest(path, 16, cache_dir=str(tmp_path / "cache"))
     assert raw["images"].shape == (30, 3, 16, 16) and raw["objects"].shape == (30, 16, 16)
     share = (raw["objects"] > 127).float().mean((1, 2))
     assert (share > 0.05).all() and (share < 0.6).all()                                # a minority of the image
@@ -314,6 +314,7 @@ def test_bench_mask_precision_on_a_manifest_with_masks(tmp_path, monkeypatch):
     cfg = tiny_train_cfg(tmp_path)
     tiny = towers.backbone(cfg, "cpu", T.console(cfg))            # tiny towers instead of the default ones
     monkeypatch.setattr(towers, "default_backbone", lambda *a, **k: tiny)
+    monkeypatch.setenv("EXMASK_CACHE", str(tmp_path / "cache"))   # the manifest's image cache: not in ~/.cache
     out = str(tmp_path / "bench.json")
     bench.main(["--only", "mask_precision", "--data", path, "--threads", "1", "--out", out])
     res = json.load(open(out))["results"]["mask_precision"]

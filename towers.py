@@ -100,7 +100,7 @@ def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tup
 
 def default_backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object]:
     """The default towers: pretrained once per (model config, pretraining config), then cached."""
-    cache = cfg.cache_dir or os.environ.get("EXMASK_CACHE") or os.path.expanduser("~/.cache/exmask")
+    cache = D.cache_root(cfg.cache_dir)
     key = fingerprint({"vit": asdict(cfg.model.vit), "text": {k: v for k, v in asdict(cfg.model.text).items()
                                                               if k != "vocab_size"},
                        "pretrain": asdict(cfg.pretrain), "synth": "v5"})

@@ -133,8 +133,20 @@ def console(cfg: Config):
 # ----------------------------------------------------------------------------- data
 
 def read_data(cfg: Config, image_size: int) -> dict:
-    if cfg.data:
-        raw = D.read_manifest(cfg.data, image_size)    # the split never depends on the run's seed
+    if cfg.data:   # the split never depends on the run's seed; images are memory-mapped from the cache
+        con, bar = console(cfg), []
+
+        def step(done: int, total: int) -> None:   # a bar only while a first read decodes the images
+            if not bar:
+                bar.append(progress(con))
+                bar[0].start()
+                bar[0].add_task("decoding images into the cache (once)", total=total)
+            bar[0].update(bar[0].task_ids[0], completed=done)
+        try:
+            raw = D.read_manifest(cfg.data, image_size, cache_dir=cfg.cache_dir, log=con.print, progress=step)
+        finally:
+            for b in bar:
+                b.stop()
     elif image_size != cfg.synth.image_size:
         raise SystemExit(f"error: the embedded data is {cfg.synth.image_size}px; a {image_size}px tower needs --data")
     else:
@@ -146,19 +158,47 @@ def read_data(cfg: Config, image_size: int) -> dict:
     return raw
 
 
+class Patches:
+    """The dataset's patches, cut from its images when rows are asked for: view[idx] -> (n, n_patches,
+    3*p*p) uint8 for a LongTensor or list of rows (an int: one row). Holds nothing but the images,
+    which may be a memory-mapped cache larger than RAM."""
+
+    def __init__(self, images: torch.Tensor, p: int):
+        self.images, self.p = images, p                                      # (N, 3, S, S) uint8
+        N, C, S, _ = images.shape
+        self.shape = torch.Size((N, (S // p) ** 2, C * p * p))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, int) or (torch.is_tensor(idx) and idx.dim() == 0):
+            return M.patchify(self.images[int(idx)][None], self.p)[0]        # (n_patches, 3*p*p)
+        idx = torch.as_tensor(idx)
+        idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long()
+        rows, order = idx.sort()                 # a memory map reads sorted rows much faster than random ones
+        # numpy's gather copies whole rows: ~10x faster than torch's indexing of a (N, 3, S, S) uint8 map
+        x = self.images.numpy()[rows.numpy()]                               # (n, 3, S, S)
+        if not torch.equal(rows, idx):
+            x = x[order.argsort().numpy()]                                  # back in the order asked for
+        return M.patchify(torch.from_numpy(x), self.p)
+
+
 def prepare(raw: dict, cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
-    """Patches, token ids and labels (in class-order index space) of the whole dataset."""
+    """Patches (a view: cut per batch), token ids and labels (in class-order index space) of the
+    whole dataset. The images are shared with `raw`, never copied."""
     C = len(raw["class_names"])
     order = D.class_order(C, cfg.seed)
     remap = torch.empty(C, dtype=torch.long)
     remap[torch.tensor(order)] = torch.arange(C)
     p = mcfg.vit.patch_size
-    out = {"patches": M.patchify(raw["images"], p),                          # (N, n_patches, 3*p*p) uint8
+    out = {"patches": Patches(raw["images"], p),                             # (N, n_patches, 3*p*p) uint8
            "ids": D.encode_texts(tok, raw["texts"], mcfg.text.context),     # (N, context)
            "labels": remap[raw["labels"]], "is_test": raw["is_test"], "is_train": raw["is_train"],
            "texts": raw["texts"], "class_names": [raw["class_names"][c] for c in order]}  # index i = label i
-    if "objects" in raw:   # each patch's object share (N, n_patches), for the oracle masks
-        out["objects"] = M.patchify(raw["objects"][:, None], p).float().mean(-1) / 255
+    if "objects" in raw:   # each patch's object share (N, n_patches), for the oracle masks (in chunks:
+        # a float copy of every mask at once would be 4x the masks' bytes)
+        out["objects"] = torch.cat([M.patchify(o[:, None], p).float().mean(-1) / 255 for o in raw["objects"].split(4096)])
     return out
 
 
