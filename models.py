@@ -206,7 +206,11 @@ class LinearSSF(torch.autograd.Function):
 # Measured before "function" existed (bench.py model_speed, ViT-B/16, batch 256, bf16, NVIDIA H200):
 # "fold" 2,804 img/s and "addcmul" 2,279, against 3,427 for timm's LayerNorm-tuning step; the rows
 # "step ours SSF" (function), "... fold" and "... addcmul" of model_speed compare all three.
+# Under torch.compile "function" trains as SSF_COMPILED instead: inductor fuses addcmul's scale and
+# shift into the matmul and its sums into one reduction, and LinearSSF's batch-norm backward failed
+# to compile for CUDA (torch 2.11, NVIDIA H200; it compiles on the CPU).
 SSF_TRAIN = "function"
+SSF_COMPILED = "addcmul"
 
 
 def with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -225,9 +229,10 @@ def with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, op.bias)
     trains = torch.is_grad_enabled() and (s.scale.requires_grad or s.shift.requires_grad)
     frozen = not (op.weight.requires_grad or (op.bias is not None and op.bias.requires_grad))
-    if trains and SSF_TRAIN == "function" and frozen:
+    mode = SSF_COMPILED if SSF_TRAIN == "function" and torch.compiler.is_compiling() else SSF_TRAIN
+    if trains and mode == "function" and frozen:
         return LinearSSF.apply(x, w, op.bias, s.scale, s.shift, guarded_inverse(s.scale.detach()))
-    if trains and SSF_TRAIN == "addcmul":
+    if trains and mode == "addcmul":
         return s(F.linear(x, w, op.bias))
     return F.linear(x, *fold_ssf(w, op.bias, s))
 

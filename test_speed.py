@@ -209,8 +209,8 @@ def has_compiler() -> bool:
 def test_compiled_masked_step_equals_eager():
     """The towers compiled with dynamic shapes, as train.py --compile does (models.compile_towers):
     masked batches with different numbers of kept patches, and the full batch, give eager's logits
-    and SSF gradients, through LinearSSF (the default SSF_TRAIN) with no graph break; the state dict
-    keeps its names."""
+    and SSF gradients (the default SSF_TRAIN, which compiles as SSF_COMPILED), with no graph break;
+    the state dict keeps its names."""
     from torch._dynamo.utils import counters
     counters.clear()
     cfg = tiny_cfg()
