@@ -139,8 +139,8 @@ SSF_MIN_SCALE = 1e-3
 
 
 def guarded_inverse(scale: torch.Tensor) -> torch.Tensor:
-    """1 / scale, with |scale| held at SSF_MIN_SCALE or more (the sign kept; +SSF_MIN_SCALE at 0)."""
-    return torch.copysign(scale.abs().clamp_min(SSF_MIN_SCALE), scale).reciprocal()
+    """1 / scale, with |scale| held at SSF_MIN_SCALE or more (the sign kept; +SSF_MIN_SCALE at +0)."""
+    return scale.reciprocal().clamp(-1 / SSF_MIN_SCALE, 1 / SSF_MIN_SCALE)   # two kernels, not four
 
 
 class LinearSSF(torch.autograd.Function):

@@ -53,10 +53,10 @@ def plain_with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor
     return y * s.scale + s.shift if isinstance(s, M.SSF) else s(y)
 
 
-SSF_TRAIN = ["function", "fold", "addcmul"]
+SSF_PATHS = ["function", "fold", "addcmul"]   # models.SSF_TRAIN's values
 
 
-@pytest.mark.parametrize("mode", SSF_TRAIN)
+@pytest.mark.parametrize("mode", SSF_PATHS)
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_ssf_train_paths_match_the_plain_formula(monkeypatch, mode, pre_norm):
     """Each SSF_TRAIN path, both towers (pre-norm, and the BERT post-norm layout), masked inputs,
@@ -109,7 +109,7 @@ def layer_grads(fn, op: nn.Module, s: M.SSF, x: torch.Tensor, dy: torch.Tensor) 
     return {"y": y, "x": grads[0], **dict(zip(params, grads[1:]))}
 
 
-@pytest.mark.parametrize("mode", SSF_TRAIN)
+@pytest.mark.parametrize("mode", SSF_PATHS)
 @pytest.mark.parametrize("op", ["linear", "linear_no_bias", "conv", "linear_trained", "linear_empty"])
 def test_with_ssf_layer_gradients_match_the_plain_formula(monkeypatch, mode, op):
     """One layer, (B, N, in) input: y and the gradients of the input, scale and shift equal
@@ -153,7 +153,7 @@ def test_linear_ssf_damps_the_scale_gradient_below_min_scale():
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("mode", SSF_TRAIN)
+@pytest.mark.parametrize("mode", SSF_PATHS)
 def test_ssf_keeps_the_activation_dtype_under_autocast(monkeypatch, mode):
     """Under bf16 autocast a trained SSF after a Linear gives bf16 (fp32 parameters must not promote
     the activation to fp32) and hands the input a bf16 gradient; the fp32 parameters get fp32
