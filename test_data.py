@@ -195,7 +195,7 @@ def test_bench_data_scale_measures_a_cold_and_a_warm_start(tmp_path):
     assert not cold["cache_existed"] and warm["cache_existed"]                 # built once, then hit
     assert cold["cache_gib"] == pytest.approx(6 * 3 * 224 * 224 / 2 ** 30)
     for r in (cold, warm):
-        assert 0 < r["startup_s"] < r["process_s"] and r["batch32_ms"] > 0
+        assert 0 < r["startup_s"] < r["process_s"] and r["batch32_ms"] > 0 and r["startup_cpu_s"] > 0
         assert 0 < r["peak_anon_mib"] <= r["peak_pss_mib"] and r["peak_rss_mib"] > 0
 
 
