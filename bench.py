@@ -5,6 +5,7 @@
     python bench.py --only data_scale --scale-dir DIR   # start-up at 5,000 and 50,000 images (~9 GB in DIR)
     python bench.py --run runs/default/exmask        # a trained run instead of the default model
     python bench.py --only model_speed --device cuda --compile   # ViT-B/16 vs timm, steps, matmul limit
+    python bench.py --only model_speed --only phase_loop --device cuda   # issue 9's GPU figures, one JSON
 
 Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
 "results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
