@@ -744,7 +744,9 @@ def main(argv=None) -> None:
     p.add_argument("--adapter", default=c.model.adapter, choices=["ssf", "prompt", "none"])
     p.add_argument("--modalities", default=c.model.modalities, choices=["image,text", "image", "text"])
     p.add_argument("--no-export", action="store_true", help="do not write model.onnx at the end")
-    p.add_argument("--compile", action="store_true", help="torch.compile the towers (models.compile_towers)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the towers (models.compile_towers); on CUDA inductor failed on the SSF step "
+                        "with torch 2.11 (see the README)")
     p.add_argument("--vit", default=c.vit, help="timm ViT name whose pretrained weights replace the default image tower")
     p.add_argument("--vit-file", default=c.vit_file, help="local weights file for --vit")
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
