@@ -185,16 +185,45 @@ def load_image(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(decode_image(path, size))
 
 
+def write_atomic(path: str, write) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it into place: a reader (or a run
+    killed mid-write) never sees a half-written file, and the last good file stays until then."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _decode_text(raw: bytes, path: str) -> str:
+    """A manifest's bytes as text: UTF-8, with or without the byte-order mark spreadsheets write."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SystemExit(f"error: manifest {path} is not UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                         f"(line {line}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {os.path.basename(path)})") from None
+
+
 def read_rows(path: str, required: tuple = ("image", "text", "label")) -> list[dict]:
     """The rows of a CSV (with header) or JSONL manifest, each with `path`: its image's path
-    (image paths in the file are relative to the file). Training needs a label; serving does not."""
+    (image paths in the file are relative to the file). Training needs a label; serving does not.
+    Every problem found here is one `error:` line naming the file, the row and the field."""
     if not os.path.exists(path):
         raise SystemExit(f"error: manifest not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        raw = f.read()
+    with open(path, "rb") as f:
+        raw = _decode_text(f.read(), path)
+    jsonl = path.endswith((".jsonl", ".json"))
     try:
-        if path.endswith((".jsonl", ".json")):
-            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        if jsonl:
+            rows = []
+            for n, line in enumerate(raw.splitlines(), 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if not isinstance(rows[-1], dict):
+                        raise SystemExit(f"error: manifest {path} line {n}: expected a JSON object, got {line[:40]!r}")
         else:
             rows = list(csv.DictReader(io.StringIO(raw)))
     except (json.JSONDecodeError, csv.Error) as e:
@@ -204,8 +233,33 @@ def read_rows(path: str, required: tuple = ("image", "text", "label")) -> list[d
     missing = set(required) - set(rows[0])
     if missing:
         raise SystemExit(f"error: manifest {path} lacks field(s) {sorted(missing)}")
+    first = 1 if jsonl else 2                       # the row's line in the file (a CSV's header is line 1)
+    for n, r in enumerate(rows, first):
+        for k in ("image", "label"):
+            if k in required and (r.get(k) is None or not str(r[k]).strip()):
+                raise SystemExit(f"error: manifest {path} line {n}: empty field {k!r}")
     root = os.path.dirname(os.path.abspath(path))
-    return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r["text"] or "")) for r in rows]
+    return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r.get("text") or "")) for r in rows]
+
+
+SPLITS = {"train": False, "test": True}   # a manifest's split values (any case) -> is_test
+
+
+def manifest_split(rows: list[dict], path: str) -> torch.Tensor | None:
+    """A manifest's own split, (N,) bool is_test, or None where it has none (no `split` field, or every
+    row blank). Only train and test: any other value, or a mix of blank and given, is an error naming
+    the rows, so data never moves between splits silently."""
+    given = [str(r.get("split") or "").strip().lower() for r in rows]
+    if not any(given):
+        return None
+    first = 1 if path.endswith((".jsonl", ".json")) else 2
+    bad = [(n, v) for n, v in enumerate(given, first) if v not in SPLITS]
+    if bad:
+        lines = ", ".join(str(n) for n, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        what = "blank" if not bad[0][1] else repr(bad[0][1])
+        raise SystemExit(f"error: manifest {path}: split must be train or test, got {what} on line(s) {lines} "
+                         f"({len(bad)} row(s)); give every row a split, or none")
+    return torch.tensor([SPLITS[v] for v in given])
 
 
 def load_mask(path: str, size: int) -> torch.Tensor:
@@ -377,27 +431,38 @@ def read_manifest(path: str, image_size: int, test_share: float = 0.2, seed: int
     split seeded by `seed` alone: train.py passes a fixed seed, so every run seed tests on the same rows.
     "images" is backed by the on-disk image cache (image_cache: built on the first read, with
     `workers` processes and progress(done, total)), so it costs no RAM until rows are read."""
-    rows = read_rows(path)
-    class_names = sorted({str(r["label"]) for r in rows})
-    idx = {c: i for i, c in enumerate(class_names)}
-    labels = torch.tensor([idx[str(r["label"])] for r in rows])
+    rows, class_names, labels, is_test = manifest_table(path, test_share, seed)
+    # every check runs before the images are decoded (the long work)
     images = torch.from_numpy(image_cache(path, [r["path"] for r in rows], image_size, cache_dir, workers, log,
                                           progress))                                      # (N, 3, S, S) uint8
-    if "split" in rows[0] and all(r.get("split") for r in rows):
-        is_test = torch.tensor([r["split"].strip().lower() == "test" for r in rows])
-    else:   # seeded stratified split
-        g = torch.Generator().manual_seed(seed)
-        is_test = torch.zeros(len(rows), dtype=torch.bool)
-        for c in range(len(class_names)):
-            members = (labels == c).nonzero().flatten()
-            members = members[torch.randperm(len(members), generator=g)]
-            is_test[members[:int(round(len(members) * test_share))]] = True
     out = {"images": images, "texts": [str(r["text"]) for r in rows], "labels": labels,
            "is_test": is_test, "class_names": class_names}
     if all(r.get("mask") for r in rows):
         root = os.path.dirname(os.path.abspath(path))
         out["objects"] = torch.stack([load_mask(os.path.join(root, str(r["mask"])), image_size) for r in rows])
     return out
+
+
+def manifest_table(path: str, test_share: float = 0.2, seed: int = 0) -> tuple[list[dict], list[str], torch.Tensor,
+                                                                                torch.Tensor]:
+    """A manifest's rows, class names (sorted), labels (N,) and is_test (N,), checked: cheap (no
+    image is read), so train.py runs it before any long work. Every class needs a training row."""
+    rows = read_rows(path)
+    class_names = sorted({str(r["label"]) for r in rows})
+    idx = {c: i for i, c in enumerate(class_names)}
+    labels = torch.tensor([idx[str(r["label"])] for r in rows])
+    is_test = manifest_split(rows, path)
+    if is_test is None:   # seeded stratified split
+        g = torch.Generator().manual_seed(seed)
+        is_test = torch.zeros(len(rows), dtype=torch.bool)
+        for c in range(len(class_names)):
+            members = (labels == c).nonzero().flatten()
+            members = members[torch.randperm(len(members), generator=g)]
+            is_test[members[:int(round(len(members) * test_share))]] = True
+    no_train = [class_names[c] for c in labels[is_test].unique().tolist() if not (~is_test & (labels == c)).any()]
+    if no_train:
+        raise SystemExit(f"error: manifest {path}: class(es) {no_train[:5]} have test rows but no training rows")
+    return rows, class_names, labels, is_test
 
 
 def carve_validation(labels: torch.Tensor, is_test: torch.Tensor, share: float, seed: int = 0) -> torch.Tensor:
@@ -743,8 +808,10 @@ def phase_classes(order: list[int], phases: int, first: int = 0) -> list[list[in
     """Split the class order into phases: an optional larger first phase, the rest even."""
     first = first or len(order) // phases
     rest = len(order) - first
-    if phases < 1 or first > len(order) or (phases > 1 and rest % (phases - 1)) or (phases == 1 and rest):
-        raise ValueError(f"cannot split {len(order)} classes into {phases} phases (first phase {first})")
+    if (phases < 1 or first < 1 or first > len(order) or (phases > 1 and (rest < phases - 1 or rest % (phases - 1)))
+            or (phases == 1 and rest)):
+        raise ValueError(f"cannot split {len(order)} classes into {phases} phases (first phase {first}): "
+                         "every phase needs a class, and the phases after the first an equal number")
     step = rest // (phases - 1) if phases > 1 else 0
     return [order[:first]] + [order[first + i * step: first + (i + 1) * step] for i in range(phases - 1)]
 

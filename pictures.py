@@ -6,6 +6,7 @@ import os
 
 import torch
 
+import data as D
 import models as M
 
 
@@ -59,7 +60,7 @@ def draw_masked(path: str, shown: list[dict], p: int, tok, class_names: list[str
             d.text((x, y), piece, fill=(200, 0, 0) if keep else (170, 170, 170), font=font)
             x += w + 2
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    img.save(path)
+    D.write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def draw_accuracy(path: str, results: list[dict]) -> None:
@@ -89,4 +90,4 @@ def draw_accuracy(path: str, results: list[dict]) -> None:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
         d.text((W - m - 110, m + 18 * k), f"{r['method']} {r['avg_incremental_accuracy']:.1f}", fill=c, font=font)
     d.text((m, 15), "accuracy on all seen classes", fill="black", font=font)
-    img.save(path)
+    D.write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -125,7 +126,6 @@ class Config:
 
 def console(cfg: Config):
     from rich.console import Console
-    import sys
     # a log file or notebook gets a wide table instead of rich's 80-column default
     return Console(quiet=cfg.quiet, highlight=False, markup=False, width=None if sys.stdout.isatty() else 150)
 
@@ -476,8 +476,46 @@ def checkpoint_path(out: str) -> str:
 
 def save_checkpoint(path: str, ck: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(ck, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    D.write_atomic(path, lambda tmp: torch.save(ck, tmp))
+
+
+def write_json(path: str, obj) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    D.write_atomic(path, write)
+
+
+# what --resume must find unchanged in a checkpoint (the masking settings decide the memory's contents)
+RUN_KEYS = ("seed", "phases", "first_phase", "memory_per_class", "memory_bytes", "keep_image", "keep_text",
+            "image_mask", "mask_candidates", "smooth_image", "context_weight", "recombine", "token_mixup",
+            "mask_new", "replay", "val", "epochs", "batch_size", "lr")
+
+
+def run_identity(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
+    """The settings a checkpoint was made with, as plain values."""
+    return {"method": method, **{k: getattr(cfg, k) for k in RUN_KEYS}, "classes": list(data["class_names"]),
+            "towers": json.loads(json.dumps(asdict(mcfg)))}
+
+
+def load_checkpoint(path: str, run: dict) -> dict:
+    """A checkpoint to resume from, refused (one error line) where it is unreadable or was made with
+    other settings than `run` (run_identity), saying which."""
+    try:
+        ck = torch.load(path, weights_only=True)
+    except Exception as e:   # truncated, corrupt, or not ours: say how to start over
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}); delete it (or run without "
+                         "--resume) to start this method over") from None
+    old = ck.get("run")
+    if old is None:
+        raise SystemExit(f"error: checkpoint {path} was made by an older version; delete it to start over")
+    for k, v in run.items():
+        if old.get(k) != v:
+            what = "the classes or their order" if k == "classes" else k
+            shown = "" if k in ("classes", "towers") else f": {old.get(k)!r} there, {v!r} now"
+            raise SystemExit(f"error: --resume: {path} was made with another {what}{shown}; resume with the same "
+                             "settings, or use another --out (or delete it) to start over")
+    return ck
 
 
 def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> None:
@@ -487,9 +525,8 @@ def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> N
     save_checkpoint(os.path.join(folder, "model.pt"),
                     {"model_config": asdict(model.cfg), "state": {k: v.cpu() for k, v in model.state_dict().items()},
                      "class_names": class_names})
-    tok.save(os.path.join(folder, D.tokenizer_filename(tok)))
-    with open(os.path.join(folder, "labels.json"), "w") as f:
-        json.dump(class_names, f)
+    D.write_atomic(os.path.join(folder, D.tokenizer_filename(tok)), tok.save)
+    write_json(os.path.join(folder, "labels.json"), class_names)
 
 
 def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, tok, con) -> dict:
@@ -512,8 +549,9 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
               Memory(per_class_bytes=int(cfg.memory_per_class * unit)))
     R, counts, secs, mem_stats, start = [], [], [], [], 0
     ck_path = checkpoint_path(cfg.out)   # cfg.out: this method's own folder
+    run = run_identity(cfg, method, data, mcfg)
     if cfg.resume and os.path.exists(ck_path):
-        ck = torch.load(ck_path, weights_only=True)
+        ck = load_checkpoint(ck_path, run)
         model.grow(ck["n_classes"])
         model.load_state_dict(ck["trainable"], strict=False)
         memory = Memory.from_state_dict(ck["memory"]) if ck["memory"] else None
@@ -550,7 +588,7 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
                   f"{secs[-1]:.1f}s" + (f", memory {len(memory)} exemplars, {memory.bytes_used():,} B"
                                          if memory is not None else ""))
         trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
-        save_checkpoint(ck_path, {"n_classes": model.n_classes, "trainable": trainable,
+        save_checkpoint(ck_path, {"run": run, "n_classes": model.n_classes, "trainable": trainable,
                                   "memory": memory.state_dict() if memory is not None else {},
                                   "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats,
                                   "model_config": asdict(mcfg), "class_names": data["class_names"]})
@@ -658,14 +696,14 @@ def train(cfg: Config = Config()) -> list[dict]:
     name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
     cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.data and not os.path.exists(cfg.data):   # fail before any long work
-        raise SystemExit(f"error: manifest not found: {cfg.data}")
-    mcfg, state, tok = backbone(cfg, cfg.device, con)
-    raw = read_data(cfg, mcfg.vit.image_size)
-    try:   # a phase split that cannot work is the user's to fix: say so in one line
-        D.phase_classes(list(range(len(raw["class_names"]))), cfg.phases, cfg.first_phase)
+    # every problem with the data or the phase split, in one line, before any long work
+    n_classes = len(D.manifest_table(cfg.data)[1]) if cfg.data else cfg.synth.n_classes
+    try:
+        D.phase_classes(list(range(n_classes)), cfg.phases, cfg.first_phase)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    mcfg, state, tok = backbone(cfg, cfg.device, con)
+    raw = read_data(cfg, mcfg.vit.image_size)
     results = []
     seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     for seed in seeds:
@@ -684,8 +722,7 @@ def train(cfg: Config = Config()) -> list[dict]:
             if cfg.export:
                 import export  # lazily: training alone never loads onnx
                 export.export_run(os.path.join(cfg.out, name), log=con.print)
-            with open(os.path.join(cfg.out, "results.json"), "w") as f:
-                json.dump(results if len(results) > 1 else results[0], f, indent=1)
+            write_json(os.path.join(cfg.out, "results.json"), results if len(results) > 1 else results[0])
     show(results, con)
     draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     return results
@@ -777,7 +814,13 @@ def main(argv=None) -> None:
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
     except ValueError as e:
         p.error(str(e))
-    train(cfg)
+    try:
+        train(cfg)
+    except SystemExit as e:   # a problem the user can fix: its one line, and exit 2 as a usage error does
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

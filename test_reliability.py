@@ -1,0 +1,130 @@
+"""Tests of bad input and interrupted runs (issue #10): every manifest problem is one `error:` line
+found before any long work, splits never move data silently, --resume refuses another run's
+checkpoint, files are written atomically. CPU only, tiny generated data."""
+import csv
+import errno
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data as D
+from test_exmask import tiny_train_cfg
+
+torch.set_num_threads(2)
+
+
+def manifest(tmp_path, rows, name="m.csv", encoding="utf-8", fields=("image", "text", "label", "split")) -> str:
+    """A CSV manifest over tiny PNGs: rows of (label, split, text)."""
+    os.makedirs(tmp_path / "img", exist_ok=True)
+    out = []
+    for i, (label, split, text) in enumerate(rows):
+        Image.fromarray(np.full((8, 8, 3), 10 * i % 255, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        out.append({"image": f"img/{i}.png", "text": text, "label": label, "split": split})
+    path = str(tmp_path / name)
+    with open(path, "w", newline="", encoding=encoding) as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(out)
+    return path
+
+
+def error_of(fn, *a, **k) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(*a, **k)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+    return e.value.code
+
+
+def test_latin1_manifest_names_the_byte_and_suggests_the_encoding(tmp_path):
+    path = manifest(tmp_path, [("a", "train", "plain"), ("b", "train", "café crème")], encoding="latin-1")
+    msg = error_of(D.read_rows, path)
+    assert "not UTF-8" in msg and "byte 0xe9" in msg and "line 3" in msg and "iconv" in msg
+
+
+def test_a_byte_order_mark_is_read_like_plain_utf8(tmp_path):
+    path = manifest(tmp_path, [("a", "train", "x"), ("a", "test", "y")], encoding="utf-8-sig")
+    assert open(path, "rb").read(3) == b"\xef\xbb\xbf"
+    rows = D.read_rows(path)
+    assert [r["label"] for r in rows] == ["a", "a"] and rows[0]["image"] == "img/0.png"
+
+
+def test_a_class_without_training_rows_is_named(tmp_path):
+    path = manifest(tmp_path, [("a", "train", "x"), ("a", "test", "y"), ("lonely", "test", "z")])
+    assert "'lonely'" in error_of(D.manifest_table, path)
+
+
+@pytest.mark.parametrize("splits,where", [(["train", "val", "test"], "'val' on line(s) 3"),
+                                          (["train", "", "test"], "blank on line(s) 3"),
+                                          (["train", "Validation", "TEST"], "line(s) 3")])
+def test_splits_are_train_or_test_and_never_move_silently(tmp_path, splits, where):
+    path = manifest(tmp_path, [("a", s, "x") for s in splits])
+    assert where in error_of(D.manifest_table, path)
+
+
+def test_splits_in_any_case_and_none_at_all(tmp_path):
+    _, _, _, is_test = D.manifest_table(manifest(tmp_path, [("a", "Train", "x"), ("a", "TEST", "y")]))
+    assert is_test.tolist() == [False, True]
+    path = manifest(tmp_path, [("a", "", "x")] * 5, name="nosplit.csv")
+    _, _, _, is_test = D.manifest_table(path)                  # no split given: the seeded one
+    assert int(is_test.sum()) == 1
+
+
+def test_an_empty_label_names_its_line(tmp_path):
+    path = manifest(tmp_path, [("a", "train", "x"), ("", "train", "y")])
+    assert "line 3" in error_of(D.read_rows, path) and "'label'" in error_of(D.read_rows, path)
+
+
+@pytest.mark.parametrize("phases,first", [(2, 4), (5, 0), (3, 3)])
+def test_phase_splits_with_an_empty_phase_are_refused_before_any_work(tmp_path, phases, first):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, phases=phases, first_phase=first)
+    assert "every phase needs a class" in error_of(T.train, cfg)
+    assert not os.path.exists(cfg.cache_dir)                   # nothing pretrained or cached first
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path)
+    T.train(cfg)
+    msg = error_of(T.train, replace(cfg, resume=True, seed=1))
+    assert "seed: 0 there, 1 now" in msg
+    assert "keep_image" in error_of(T.train, replace(cfg, resume=True, keep_image=0.5, methods="replay"))
+    assert T.train(replace(cfg, resume=True))[0]["seed"] == 0  # the same settings resume (nothing left to do)
+
+
+def test_a_corrupt_checkpoint_says_how_to_start_over(tmp_path):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path)
+    T.train(cfg)
+    ck = os.path.join(cfg.out, "replay", "checkpoint.pt")
+    with open(ck, "r+b") as f:
+        f.truncate(100)
+    assert "delete it" in error_of(T.train, replace(cfg, resume=True))
+
+
+def test_a_failed_write_keeps_the_last_good_file(tmp_path):
+    path = str(tmp_path / "results.json")
+    D.write_atomic(path, lambda tmp: open(tmp, "w").write("good"))
+
+    def full_disk(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        D.write_atomic(path, full_disk)
+    assert open(path).read() == "good" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_the_cli_prints_one_error_line_and_exits_2(tmp_path):
+    path = manifest(tmp_path, [("a", "train", "x"), ("b", "training", "y")])
+    p = subprocess.run([sys.executable, "train.py", "--data", path, "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
