@@ -128,3 +128,78 @@ def test_the_cli_prints_one_error_line_and_exits_2(tmp_path):
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+class Payload:
+    """An object whose unpickling would run code: a checkpoint must never load it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_checkpoint_with_a_pickle_payload_is_refused(tmp_path):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path)
+    T.train(cfg)
+    ck = os.path.join(cfg.out, "replay", "checkpoint.pt")
+    torch.save({"run": Payload()}, ck)
+    assert "cannot read checkpoint" in error_of(T.train, replace(cfg, resume=True))
+
+
+def test_unreadable_cached_towers_are_pretrained_again(tmp_path):
+    import train as T
+    import towers
+    cfg = tiny_train_cfg(tmp_path)
+    towers.default_backbone(cfg, "cpu", T.console(cfg))
+    (path,) = [os.path.join(cfg.cache_dir, f) for f in os.listdir(cfg.cache_dir) if f.startswith("backbone-")]
+    torch.save({"state": Payload()}, path)
+    import io
+    from rich.console import Console
+    out = io.StringIO()
+    mcfg, state, tok = towers.default_backbone(cfg, "cpu", Console(file=out, width=300))
+    assert "unreadable" in out.getvalue() and "pretraining again" in out.getvalue() and len(state) > 10
+    assert torch.load(path, weights_only=True)["state"].keys() == state.keys()
+
+
+def test_the_same_seed_gives_the_same_results(tmp_path):
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", phases=3,
+                         synth=D.SynthConfig(n_classes=6, train_per_class=8, test_per_class=4))
+    a = T.train(replace(cfg, out=str(tmp_path / "a")))[0]
+    b = T.train(replace(cfg, out=str(tmp_path / "b")))[0]
+    for r in (a, b):
+        r.pop("phase_seconds")
+    assert a == b
+
+
+def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path):
+    """train() in a subprocess, killed with SIGKILL at random moments in mid-run (after some phase's
+    checkpoint, before the last), then resumed: the final results equal those of an uninterrupted run
+    (accuracy matrix and memory)."""
+    import json
+    import random
+    import signal
+    import time
+    import train as T
+    here = os.path.dirname(os.path.abspath(__file__))
+    kw = "methods='exmask', phases=6, epochs=4, synth=D.SynthConfig(n_classes=12, train_per_class=24, test_per_class=4)"
+    want = eval(f"T.train(tiny_train_cfg(tmp_path, out=str(tmp_path / 'want'), {kw}))")[0]
+    code = ("import pathlib, data as D; from test_exmask import tiny_train_cfg; import train as T; "
+            f"T.train(tiny_train_cfg(pathlib.Path({str(tmp_path)!r}), out={str(tmp_path / 'got')!r}, resume=True, {kw}))")
+    ck = tmp_path / "got" / "exmask" / "checkpoint.pt"
+    rng, killed = random.Random(0), []
+    for _ in range(4):
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = ck.stat().st_mtime if ck.exists() else 0
+        while p.poll() is None and (not ck.exists() or ck.stat().st_mtime == start):
+            time.sleep(0.02)                                  # until the next phase's checkpoint
+        time.sleep(rng.uniform(0, 0.05))                      # then somewhere in the next phase
+        if p.poll() is None:
+            done = len(torch.load(ck, weights_only=True)["R"])
+            p.send_signal(signal.SIGKILL)
+            killed.append(done)
+        p.wait()
+    assert subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True).returncode == 0
+    got = json.load(open(tmp_path / "got" / "results.json"))
+    assert len(killed) >= 2 and all(k < 6 for k in killed), killed
+    assert got["accuracy_matrix"] == want["accuracy_matrix"] and got["memory"] == want["memory"]

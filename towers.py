@@ -105,18 +105,22 @@ def default_backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object
                                                               if k != "vocab_size"},
                        "pretrain": asdict(cfg.pretrain), "synth": "v5"})
     path = os.path.join(cache, f"backbone-{key}.pt")
+    ck = None
     if os.path.exists(path):
-        ck = torch.load(path, weights_only=True)
-        tok = D.SPTokenizer(ck["tokenizer"].numpy().tobytes())
-        con.print(f"backbone: cached {path}")
-    else:
+        try:
+            ck = torch.load(path, weights_only=True)
+            tok = D.SPTokenizer(ck["tokenizer"].numpy().tobytes())
+            con.print(f"backbone: cached {path}")
+        except Exception as e:   # truncated, corrupt, or carrying a pickle payload: never run it, pretrain again
+            con.print(f"backbone: the cached towers {path} are unreadable ({type(e).__name__}); pretraining again")
+            ck = None
+    if ck is None:
         t0 = time.time()
         state, tok = pretrain(cfg.model, cfg.pretrain, device, con)
         os.makedirs(cache, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"        # processes side by side never share a temporary file
-        torch.save({"state": {k: v.cpu() for k, v in state.items()},
-                    "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)}, tmp)
-        os.replace(tmp, path)  # never a half-written cache file
+        D.write_atomic(path, lambda tmp: torch.save({"state": {k: v.cpu() for k, v in state.items()},
+                                                     "tokenizer": torch.frombuffer(bytearray(tok.proto), dtype=torch.uint8)},
+                                                    tmp))   # never a half-written cache file
         con.print(f"backbone: pretrained in {time.time() - t0:.0f}s, cached at {path}")
         ck = {"state": state}
     mcfg = replace(cfg.model, text=replace(cfg.model.text, vocab_size=tok.vocab_size))
