@@ -54,6 +54,13 @@ def test_a_byte_order_mark_is_read_like_plain_utf8(tmp_path):
     assert [r["label"] for r in rows] == ["a", "a"] and rows[0]["image"] == "img/0.png"
 
 
+def test_a_phase_without_test_rows_is_refused_before_any_work(tmp_path):
+    import train as T
+    path = manifest(tmp_path, [("a", "train", "x"), ("a", "test", "y"), ("b", "train", "z")])
+    cfg = tiny_train_cfg(tmp_path, data=path, phases=2)
+    assert "no test rows" in error_of(T.train, cfg) and not os.path.exists(cfg.cache_dir)
+
+
 def test_a_class_without_training_rows_is_named(tmp_path):
     path = manifest(tmp_path, [("a", "train", "x"), ("a", "test", "y"), ("lonely", "test", "z")])
     assert "'lonely'" in error_of(D.manifest_table, path)
@@ -180,10 +187,12 @@ def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path):
     import random
     import signal
     import time
-    import train as T
     here = os.path.dirname(os.path.abspath(__file__))
     kw = "methods='exmask', phases=6, epochs=4, synth=D.SynthConfig(n_classes=12, train_per_class=24, test_per_class=4)"
-    want = eval(f"T.train(tiny_train_cfg(tmp_path, out=str(tmp_path / 'want'), {kw}))")[0]
+    # (the same settings as `want` below, for the subprocess)
+    import train as T
+    want = T.train(tiny_train_cfg(tmp_path, out=str(tmp_path / "want"), methods="exmask", phases=6, epochs=4,
+                                  synth=D.SynthConfig(n_classes=12, train_per_class=24, test_per_class=4)))[0]
     code = ("import pathlib, data as D; from test_exmask import tiny_train_cfg; import train as T; "
             f"T.train(tiny_train_cfg(pathlib.Path({str(tmp_path)!r}), out={str(tmp_path / 'got')!r}, resume=True, {kw}))")
     ck = tmp_path / "got" / "exmask" / "checkpoint.pt"
@@ -203,3 +212,76 @@ def test_killed_runs_resume_to_the_uninterrupted_results(tmp_path):
     got = json.load(open(tmp_path / "got" / "results.json"))
     assert len(killed) >= 2 and all(k < 6 for k in killed), killed
     assert got["accuracy_matrix"] == want["accuracy_matrix"] and got["memory"] == want["memory"]
+
+
+@pytest.mark.parametrize("failure,says", [(lambda: OSError(errno.ENOSPC, "No space left on device"), "no space left"),
+                                          (lambda: torch.cuda.OutOfMemoryError("CUDA out of memory"), "--batch-size 16")])
+def test_a_full_disk_or_gpu_memory_is_one_line_and_exit_2(monkeypatch, capsys, failure, says):
+    import train as T
+
+    def fail(cfg):
+        raise failure()
+
+    monkeypatch.setattr(T, "train", fail)
+    with pytest.raises(SystemExit) as e:
+        T.main(["--batch-size", "32"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and says in err and len(err.splitlines()) == 1
+
+
+def test_random_malformed_manifests_train_or_give_one_error_line(tmp_path):
+    """Property: a manifest made of random rows (fields missing or empty, odd labels, splits, captions
+    and bytes, images that are missing or not images, CSV or JSONL) either trains or ends in one
+    `error:` line; never a traceback."""
+    import json
+    import tempfile
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    import train as T
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "not-an-image.png").write_text("hello")
+    cache = str(tmp_path / "cache")
+    base = [{"image": "ok.png", "label": c, "text": f"a {c} thing", "split": s}
+            for c in ("a", "b") for s in ("train", "train", "train", "test")]
+    values = {"image": st.sampled_from(["missing.png", "not-an-image.png", ""]),
+              "label": st.sampled_from(["", "c,d", "é \"x\"", "z"]),
+              "text": st.text(max_size=12),
+              "split": st.sampled_from(["", "val", "TEST", "Train", None])}
+    change = st.tuples(st.integers(0, len(base) - 1), st.sampled_from(sorted(values))).flatmap(
+        lambda t: st.tuples(st.just(t[0]), st.just(t[1]), values[t[1]] | st.just("<drop>")))
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(changes=st.lists(change, max_size=2), jsonl=st.booleans(), latin1=st.booleans(), phases=st.integers(1, 3))
+    def check(changes, jsonl, latin1, phases):
+        rows = [dict(r) for r in base]
+        for i, k, v in changes:   # a field's value replaced, or the field dropped from a row
+            if v == "<drop>" or v is None:
+                rows[i].pop(k, None)
+            else:
+                rows[i][k] = v
+        folder = tempfile.mkdtemp(dir=tmp_path)
+        path = os.path.join(folder, "m.jsonl" if jsonl else "m.csv")
+        for r in rows:
+            if r.get("image"):
+                r["image"] = os.path.join("..", r["image"])
+        if jsonl:
+            text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+        else:
+            import io
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=sorted({k for r in rows for k in r}) or ["image"])
+            w.writeheader()
+            w.writerows(rows)
+            text = buf.getvalue()
+        with open(path, "wb") as f:
+            f.write(text.encode("latin-1", errors="replace") if latin1 else text.encode("utf-8"))
+        cfg = tiny_train_cfg(tmp_path, data=path, phases=phases, cache_dir=cache, out=os.path.join(folder, "out"))
+        try:
+            T.train(cfg)
+            outcomes.append("trained")
+        except SystemExit as e:
+            assert isinstance(e.code, str) and e.code.startswith("error: ") and "\n" not in e.code, e.code
+            outcomes.append(e.code.split(":")[1][:30])
+
+    outcomes = []
+    check()
+    assert "trained" in outcomes and len(outcomes) > outcomes.count("trained")

@@ -14,6 +14,7 @@ the new classes' data and replays every stored exemplar once beside it (--replay
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import math
@@ -697,15 +698,15 @@ def train(cfg: Config = Config()) -> list[dict]:
     cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
     os.makedirs(cfg.out, exist_ok=True)
     # every problem with the data or the phase split, in one line, before any long work
-    n_classes = len(D.manifest_table(cfg.data)[1]) if cfg.data else cfg.synth.n_classes
-    try:
-        D.phase_classes(list(range(n_classes)), cfg.phases, cfg.first_phase)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
+    if cfg.data:
+        _, names, labels, is_test = D.manifest_table(cfg.data)
+        check_phases(cfg, seeds, names, labels, D.carve_validation(labels, is_test, cfg.val) if cfg.val else is_test)
+    else:
+        check_phases(cfg, seeds, [str(c) for c in range(cfg.synth.n_classes)])
     mcfg, state, tok = backbone(cfg, cfg.device, con)
     raw = read_data(cfg, mcfg.vit.image_size)
     results = []
-    seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     for seed in seeds:
         scfg = replace(cfg, seed=seed)
         data = prepare(raw, scfg, mcfg, tok)     # the class order follows the seed
@@ -726,6 +727,21 @@ def train(cfg: Config = Config()) -> list[dict]:
     show(results, con)
     draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     return results
+
+
+def check_phases(cfg: Config, seeds: list[int], names: list[str], labels: torch.Tensor | None = None,
+                 is_eval: torch.Tensor | None = None) -> None:
+    """The phase split must work for every seed: no empty phase, and (where the rows are known) rows
+    to evaluate each phase on. One error line otherwise."""
+    try:
+        for seed in seeds:
+            for j, cls in enumerate(D.phase_classes(D.class_order(len(names), seed), cfg.phases, cfg.first_phase)):
+                if labels is not None and not (is_eval & torch.isin(labels, torch.tensor(cls))).any():
+                    raise ValueError(f"with --seed {seed}, phase {j + 1} (classes {[names[c] for c in cls][:5]}) has no "
+                                     f"{'validation' if cfg.val else 'test'} rows to measure it on; give those classes "
+                                     "more rows, or choose other --phases")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -821,6 +837,16 @@ def main(argv=None) -> None:
             print(e.code, file=sys.stderr)
             raise SystemExit(2) from None
         raise
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: the GPU ran out of memory; try --batch-size {max(1, cfg.batch_size // 2)} (now "
+              f"{cfg.batch_size}), and --resume to go on from the last finished phase", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the disk while writing {e.filename or cfg.out or 'runs/'}; the last good "
+              "files are kept: free some space, then run again with --resume", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
