@@ -200,10 +200,10 @@ def test_bench_data_scale_measures_a_cold_and_a_warm_start(tmp_path):
 
 
 def test_data_startup_measures_start_up_then_training_steps(tmp_path):
-    import bench
+    import bench_data
     path = tiny_manifest(tmp_path / "m", n=8)
-    r = bench.data_startup(path, str(tmp_path / "cache"), 1, steps=2, image_size=32, patch=8, dims=(32, 1, 2))
+    r = bench_data.data_startup(path, str(tmp_path / "cache"), 1, steps=2, image_size=32, patch=8, dims=(32, 1, 2))
     assert not r["cache_existed"] and r["images"] == 8 and r["cache_gib"] == pytest.approx(8 * 3 * 32 * 32 / 2 ** 30)
     assert r["train_steps"] == 2 and r["train_step_s"] > 0
     assert 0 < r["startup_peak_anon_mib"] <= r["peak_anon_mib"] <= r["peak_pss_mib"]
-    assert bench.data_startup(path, str(tmp_path / "cache"), 1, image_size=32, patch=8, dims=(32, 1, 2))["cache_existed"]
+    assert bench_data.data_startup(path, str(tmp_path / "cache"), 1, image_size=32, patch=8, dims=(32, 1, 2))["cache_existed"]

@@ -261,7 +261,7 @@ def test_vit_flops_counts_the_matmuls_of_a_forward_and_a_frozen_backbone_step():
     import timm
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import bench
+    import bench_speed
     torch.manual_seed(0)
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32, depth=2)
     for n, p in ref.named_parameters():
@@ -271,7 +271,7 @@ def test_vit_flops_counts_the_matmuls_of_a_forward_and_a_frozen_backbone_step():
         ref(x)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
         ref(x).sum().backward()
-    assert bench.vit_flops(M.vit_config_from_timm(ref), 4, 7) == (fwd.get_total_flops(), step.get_total_flops())
+    assert bench_speed.vit_flops(M.vit_config_from_timm(ref), 4, 7) == (fwd.get_total_flops(), step.get_total_flops())
 
 
 def test_bench_model_speed_smoke(monkeypatch, tmp_path):
@@ -280,7 +280,8 @@ def test_bench_model_speed_smoke(monkeypatch, tmp_path):
     import json
 
     import bench
-    monkeypatch.setitem(bench.SPEED_VITS, "cpu", ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}))
+    import bench_speed
+    monkeypatch.setitem(bench_speed.SPEED_VITS, "cpu", ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}))
     out = tmp_path / "bench.json"
     bench.main(["--only", "model_speed", "--batch", "4", "--steps", "1", "--threads", "1", "--out", str(out)])
     res = json.loads(out.read_text())["results"]["model_speed"]
