@@ -210,10 +210,11 @@ def mask_precision(o: Opts) -> dict:
     on_object: the share of kept patches that are at least half object; best possible: all object
     patches first. fidelity: the cosine between the image embedding of the kept patches and that of
     the full image (what a replayed exemplar looks like to the model, against the test images it
-    will meet). Rules as in train.image_keep; "class" needs a trained head and is left out."""
+    will meet). Rules as in exemplars.image_keep; "class" needs a trained head and is left out."""
     import exmask
     from towers import default_backbone
-    from train import Config, console, draw_noise, image_keep, read_data
+    from exemplars import draw_noise, image_keep
+    from train import Config, console, read_data
     torch.set_num_threads(o.threads or torch.get_num_threads())
     cfg = Config(quiet=True, data=o.data, device="cpu")
     mcfg, state, _ = default_backbone(cfg, "cpu", console(cfg))

@@ -324,7 +324,7 @@ def phase_loop(o, base=None) -> dict:
     g = torch.Generator().manual_seed(0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-5)
-    amp = T.autocast(dev)
+    amp = M.autocast(dev)
     model.train()
     step_ms, alone_s, shapes = {}, 0.0, []
     for t in range(cfg.phases):

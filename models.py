@@ -568,6 +568,11 @@ def compile_towers(model: TwoTower) -> None:
         tower.forward = torch.compile(tower.forward, dynamic=True)
 
 
+def autocast(device: str):
+    """bf16 autocast on a GPU; nothing on the CPU (fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+
 # ----------------------------------------------------------------------------- real weights
 
 def load_timm_vit(vit: ViT, state: dict) -> None:

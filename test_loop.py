@@ -99,6 +99,7 @@ def test_replay_batch_is_bounded_by_more_steps(tmp_path, monkeypatch):
 def test_masks_do_not_depend_on_the_batches_they_are_scored_in(tmp_path, monkeypatch):
     """Masks and memory are the same whether a class is scored in one pass or 2 rows at a time, and
     with a quota only the samples herding reaches are masked."""
+    import exemplars as E
     import train as T
     cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_text=0.6)
     mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
@@ -106,17 +107,17 @@ def test_masks_do_not_depend_on_the_batches_they_are_scored_in(tmp_path, monkeyp
     model = M.TwoTower(mcfg, 4)
     model.load_state_dict(state, strict=False)
     for method in ("exmask", "random-mask"):
-        whole, _ = T.candidates(model, data, [0, 1], method, cfg, torch.Generator().manual_seed(0))
-        masked_rows, real = [], T.mask_sets
+        whole, _ = E.candidates(model, data, [0, 1], method, cfg, torch.Generator().manual_seed(0))
+        masked_rows, real = [], E.mask_sets
 
         def spy(model, data, rows, *a, **k):
             masked_rows.append(len(rows))
             return real(model, data, rows, *a, **k)
 
-        monkeypatch.setattr(T, "MASK_BATCH", 2)
-        monkeypatch.setattr(T, "mask_sets", spy)
+        monkeypatch.setattr(E, "MASK_BATCH", 2)
+        monkeypatch.setattr(E, "mask_sets", spy)
         q = 3 * exmask.nbytes(whole[0][0])
-        parts, _ = T.candidates(model, data, [0, 1], method, cfg, torch.Generator().manual_seed(0), quota=q)
+        parts, _ = E.candidates(model, data, [0, 1], method, cfg, torch.Generator().manual_seed(0), quota=q)
         monkeypatch.undo()
         assert max(masked_rows) <= 2 and sum(masked_rows) < len(whole[0]) + len(whole[1])
         for c in parts:

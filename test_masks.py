@@ -10,6 +10,7 @@ import torch
 import data as D
 import exmask
 import models as M
+import exemplars as E
 import towers
 from test_exmask import tiny_batch, tiny_model_cfg, tiny_train_cfg
 
@@ -160,8 +161,8 @@ def test_image_keep_rules(rule):
     with torch.no_grad():
         _, (ia, _) = model.features(x, M.all_patches(x), ids, aux=True)
     cfg = T.Config(keep_image=0.25, device="cpu")
-    noise = T.draw_noise(3, N, ids.shape[1], torch.Generator().manual_seed(0))["image"]   # (C, 3, N)
-    idx = T.image_keep(model, x, ids, ia[0], rule, cfg, noise, torch.tensor([0, 1, 2]), objects)
+    noise = E.draw_noise(3, N, ids.shape[1], torch.Generator().manual_seed(0))["image"]   # (C, 3, N)
+    idx = E.image_keep(model, x, ids, ia[0], rule, cfg, noise, torch.tensor([0, 1, 2]), objects)
     assert idx.shape == (3, 4) and all(len(set(r.tolist())) == 4 for r in idx)
     assert torch.equal(idx, idx.sort(1).values)
     if rule == "object":
@@ -196,7 +197,7 @@ def test_mask_candidates_one_is_the_random_mask_and_more_keep_the_image_better(t
 
     def masks(method, C):
         c = replace(cfg, mask_candidates=C)
-        return T.mask_sets(model, data, rows, method, c, T.draw_noise(len(rows), N, L, torch.Generator().manual_seed(0),
+        return E.mask_sets(model, data, rows, method, c, E.draw_noise(len(rows), N, L, torch.Generator().manual_seed(0),
                                                                       method, c))["keep_idx"]
 
     assert torch.equal(masks("exmask", 1), masks("random-mask", 1))
@@ -216,7 +217,7 @@ def test_oracle_mask_needs_object_masks():
     model = M.TwoTower(mcfg, 1).eval()
     x = torch.zeros(2, mcfg.vit.n_patches, 48)
     with pytest.raises(SystemExit, match="object masks"):
-        T.image_keep(model, x, torch.zeros(2, 12, dtype=torch.long), torch.rand(2, 16), "object",
+        E.image_keep(model, x, torch.zeros(2, 12, dtype=torch.long), torch.rand(2, 16), "object",
                      T.Config(device="cpu"), torch.rand(8, 2, 16))
 
 
@@ -294,9 +295,9 @@ def test_herding_stops_at_the_quota_with_the_same_memory(tmp_path):
     data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
     model = M.TwoTower(mcfg, 4)
     model.load_state_dict(state, strict=False)
-    all_, _ = T.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0))
+    all_, _ = E.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0))
     q = 3 * exmask.nbytes(all_[0][0])
-    cut, _ = T.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0), quota=q)
+    cut, _ = E.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0), quota=q)
     mem = Memory(total_bytes=2 * q)
     mem.add(all_)
     assert [len(v) for v in cut.values()] == [len(v) for v in mem.classes.values()] and len(cut[0]) < len(all_[0])

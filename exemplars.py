@@ -1,0 +1,206 @@
+"""Choosing exemplars and what they keep: herding on the model's fused features, then each chosen
+sample's mask (which patches and words a masked exemplar stores), by the rule a method names.
+
+The phase loop (train.py) calls candidates() after each phase, and mask_sets() for new samples shown
+masked (--mask-new). Everything runs in batches of at most MASK_BATCH rows on the device, and each
+sample's random noise is drawn up front per class (draw_noise), so a mask never depends on the batch
+it was scored in. `cfg` is a train.Config.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import exmask
+import models as M
+from memory import herd, within_quota
+from models import autocast
+
+# exmask and its ablations: (image mask, text mask, cross-modal context term). Image masks:
+# "model": the rule Config.image_mask names, from the model's own signals; otherwise a rule of
+# image_keep: "paper" (the top of the raw pooling-query attention row), "random", "object" (the
+# true object mask, an oracle where the data has masks); None: kept whole.
+# Text masks: "attn" (pooling attention, plus the context term where on), "random", None.
+MASKING = {
+    "exmask": ("model", "attn", True),
+    "paper-mask": ("paper", "attn", True),
+    "random-mask": ("random", "random", False),
+    "oracle-mask": ("object", "attn", True),
+    "image-mask": ("model", None, False),
+    "text-mask": (None, "attn", False),
+    "no-context": ("model", "attn", False),
+}
+# Config.image_mask: how exmask picks the patches it keeps (see image_keep)
+IMAGE_MASKS = ("attn", "spread", "sample", "class", "feature", "random")
+
+
+MASK_BATCH = 256        # most rows in one forward pass when scoring and masking (bounded device memory)
+
+
+def draw_noise(n: int, N: int, L: int, gen: torch.Generator, method: str = "", cfg=None) -> dict:
+    """Uniform noise for the masks of n samples, drawn up front so that a sample's mask does not
+    depend on the batches it is scored in: image (C, n, N), text (n, L). Only what the method's
+    rules use is drawn (C = cfg.mask_candidates for "class" and "feature", 1 for the other random
+    rules; text noise for random text masks); without a method or config, everything (C = 8)."""
+    img_mode, txt_mode, _ = MASKING.get(method, ("feature", "random", False))
+    rule = cfg.image_mask if cfg is not None and img_mode == "model" else img_mode
+    C = ((cfg.mask_candidates if cfg is not None else 8) if rule in ("class", "feature") else
+         1 if rule in ("random", "object", "sample") else 0)
+    text = txt_mode == "random" and (cfg is None or cfg.keep_text < 1)
+    return {"image": torch.rand(C, n, N, generator=gen), "text": torch.rand(n, L if text else 0, generator=gen)}
+
+
+@torch.no_grad()
+def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor, rule: str, cfg,
+               noise: torch.Tensor, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,
+               feats: torch.Tensor | None = None) -> torch.Tensor:
+    """The patches a masked exemplar keeps: (n, K) indices, ascending. x (n, N, P) full samples on the
+    device, ids (n, L), attn (n, N) the image pooling query's last-block attention row, noise (C, n, N)
+    uniform (draw_noise), feats (n, F) the full samples' fused features where the caller has them.
+    Rules: "attn" top attention (smoothed over cfg.smooth_image); "spread" the top of each 2 x 2 region
+    first; "sample" drawn in proportion to attention; "class" / "feature" the best of the C random
+    masks by the adapted model's own score for the sample's class / by the cosine between the
+    masked and the full image embedding; "paper" top raw attention; "random"; "object" the oracle."""
+    n, N = x.shape[:2]
+    K = exmask.keep_count(N, cfg.keep_image)
+    g = model.cfg.vit.grid
+    a = attn.float().cpu()
+    if rule == "random":
+        return exmask.keep_top(noise[0], K)
+    if rule == "object":
+        if objects is None:
+            raise SystemExit("error: oracle-mask needs object masks: a manifest `mask` column (data.py icons writes one)")
+        return exmask.keep_top(objects + 1e-3 * noise[0], K)
+    if rule == "paper":
+        return exmask.keep_top(a, K)
+    a = exmask.smooth_scores(a, g, cfg.smooth_image)
+    if rule == "attn":
+        return exmask.keep_top(a, K)
+    if rule == "spread":
+        return exmask.keep_top(exmask.spread_scores(a, g) if g % 2 == 0 else a, K)
+    if rule == "sample":
+        return exmask.keep_top(exmask.sample_scores(a, noise[0]), K)
+    # "class" / "feature": the best of several random masks by the model's own judgement
+    dev = x.device
+    with autocast(cfg.device):
+        if feats is None:
+            feats = model.features(x, M.all_patches(x), ids.to(dev))
+        E = feats.shape[1] - (model.cfg.text.embed_dim or model.cfg.text.dim) * model.use_text
+        full = feats[:, :E].float().to(dev)                                            # (n, E) unit length
+        txt = feats[:, E:].to(dev) if model.use_text else None                         # classify re-normalises
+        idx = torch.stack([exmask.keep_top(u, K) for u in noise]).to(dev)              # (C, n, K)
+        kept = torch.cat([M.gather_tokens(x, i) for i in idx])                          # (C n, K, P)
+        emb = model.image(kept, idx.flatten(0, 1)).float()                              # (C n, E)
+        if rule == "class":
+            s = model.classify(emb, txt.repeat(len(idx), 1)).float().log_softmax(-1)
+            s = s.gather(1, labels.to(dev).repeat(len(idx))[:, None])[:, 0]
+        else:
+            s = F.cosine_similarity(emb, full.repeat(len(idx), 1), dim=-1)
+        best = s.view(len(idx), n).argmax(0)                                           # (n,) first best wins
+    return idx[best, torch.arange(n, device=dev)].cpu()
+
+
+def mask_rows(data: dict, rows: torch.Tensor, key: str) -> torch.Tensor | None:
+    return data[key][rows] if key in data else None
+
+
+@torch.no_grad()
+def signals(model: M.TwoTower, data: dict, rows: torch.Tensor, cfg) -> dict:
+    """The model's view of dataset rows, in batches of MASK_BATCH: feats (n, F) fused features (for
+    herding and the feature rule), img_attn (n, N) and txt_attn (n, L) the pooling tokens'
+    attention rows (None for an unused tower). Small per row: token features are not kept."""
+    model.eval()
+    out = {"feats": [], "img_attn": [], "txt_attn": []}
+    for r in rows.split(MASK_BATCH):
+        x = data["patches"][r].to(cfg.device)
+        with autocast(cfg.device):
+            f, (ia, ta) = model.features(x, M.all_patches(x), data["ids"][r].to(cfg.device), aux=True)
+        out["feats"].append(f.float().cpu())
+        out["img_attn"].append(ia[0].float().cpu() if ia is not None else None)
+        out["txt_attn"].append(ta[0].float().cpu() if ta is not None else None)
+    return {k: torch.cat(v) if v and v[0] is not None else None for k, v in out.items()}
+
+
+@torch.no_grad()
+def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cfg, noise: dict,
+              sig: dict | None = None) -> dict:
+    """What the masked exemplars of dataset rows `rows` keep (method from MASKING), in batches of at
+    most MASK_BATCH rows on the device: keep_idx (n, K) kept patch indices or None, keep (n, L) kept
+    tokens or None. noise: draw_noise for these rows; sig: their signals() where the caller has them."""
+    model.eval()
+    dev, pad = cfg.device, model.cfg.text.pad_id
+    img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
+    img_mode = img_mode if model.use_image else None
+    txt_mode = txt_mode if model.use_text and cfg.keep_text < 1 else None   # whole text: no positions stored
+    # the cross-modal term needs token features in a shared space: recomputed per batch, never kept
+    tokens = txt_mode == "attn" and context and img_mode is not None
+    sig = sig or signals(model, data, rows, cfg)
+    keep_idx, keep = [], []
+    for part in torch.arange(len(rows)).split(MASK_BATCH):
+        r, ids = rows[part], data["ids"][rows[part]]
+        x = data["patches"][r].to(dev)
+        n, N = x.shape[:2]
+        dropped = torch.zeros(n, N, dtype=torch.bool)
+        if img_mode:
+            rule = cfg.image_mask if img_mode == "model" else img_mode
+            ki = image_keep(model, x, ids, sig["img_attn"][part], rule, cfg, noise["image"][:, part],
+                            data["labels"][r], mask_rows(data, r, "objects"), sig["feats"][part].to(dev))
+            keep_idx.append(ki)                                                        # (n, K)
+            dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, ki, False)
+        if txt_mode:
+            _, content = exmask.special_tokens(ids, pad)
+            if txt_mode == "random":
+                tscore = noise["text"][part]
+            else:
+                ctx = None
+                if tokens:
+                    with autocast(dev):
+                        _, (ia, ta) = model.features(x, M.all_patches(x), ids.to(dev), aux=True)
+                    if ia[1].shape[-1] == ta[1].shape[-1]:
+                        ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
+                tscore = exmask.text_scores(sig["txt_attn"][part], content, ctx, cfg.context_weight)
+            keep.append(exmask.keep_text(tscore, ids, pad, cfg.keep_text))              # (n, L)
+    return {"keep_idx": torch.cat(keep_idx) if keep_idx else None, "keep": torch.cat(keep) if keep else None}
+
+
+def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg,
+               gen: torch.Generator, quota: int | None = None) -> tuple[dict, list]:
+    """Exemplars for the new classes, in herding order on the fused features; masked for exmask
+    and its ablations. Herding stops once a class's exemplars fill `quota` bytes (the budget's share
+    per class; None = keep all), the same cut Memory.add makes (memory.within_quota), and only the
+    samples herding reaches are masked, a batch at a time. Also returns, for the picture, the first
+    exemplar of up to 4 classes."""
+    out, shown = {}, []
+    V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
+    N, P = data["patches"].shape[1:]
+    K = exmask.keep_count(N, cfg.keep_image) if method in MASKING and model.use_image else N
+    step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + 2) + 1))
+    for c in classes:
+        rows = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
+        sig = signals(model, data, rows, cfg)
+        noise = draw_noise(len(rows), N, data["ids"].shape[1], gen, method, cfg)
+        first = []                                   # what the picture shows of this class
+
+        def herded():
+            order = herd(sig["feats"])
+            while len(part := torch.tensor(list(itertools.islice(order, step)), dtype=torch.long)):
+                r = rows[part]
+                m = (mask_sets(model, data, r, method, cfg, {k: v[..., part, :] for k, v in noise.items()},
+                               {k: None if v is None else v[part] for k, v in sig.items()})
+                     if method in MASKING else {"keep_idx": None, "keep": None})
+                patches, ids = data["patches"][r], data["ids"][r]
+                for j in range(len(part)):
+                    ki, kt = (None if m[k] is None else m[k][j] for k in ("keep_idx", "keep"))
+                    if not first:
+                        first.append({"patches": patches[j], "kept": ki, "ids": ids[j], "keep": kt, "label": c,
+                                      "attn": None if sig["img_attn"] is None else sig["img_attn"][part[j]]})
+                    # store nothing of a modality the model does not use
+                    yield exmask.encode(patches[j] if model.use_image else None, ids[j] if model.use_text else None,
+                                        c, V, pad, ki, kt)
+
+        out[c] = within_quota(herded(), quota)
+        if len(shown) < 4 and method in MASKING and out[c]:
+            shown += first
+    return out, shown
