@@ -121,7 +121,7 @@ def data_startup(manifest: str, cache_dir: str, threads: int = 0, steps: int = 0
 
 
 def data_scale(o) -> dict:
-    """Data at scale: for each size in o.sizes, a generated manifest of 224 px JPEGs (data.make_fake,
+    """Data at scale: for each size in o.sizes, a generated manifest of 224 px JPEGs (recipes.make_fake,
     under o.scale_dir, reused when there), then in a fresh process (data_startup) train.py's start-up
     on it twice: cold (no image cache: it is built) and warm (a cache hit). Wall seconds, peak memory,
     ms per batch of 32 random rows; with --scale-steps, training steps of a ViT-B/16 after the largest
@@ -130,7 +130,7 @@ def data_scale(o) -> dict:
     import subprocess
     import sys
 
-    import data as D
+    import recipes as R
     here = os.path.dirname(os.path.abspath(__file__))
     res = {"image_size": 224, "scale_dir": o.scale_dir, "rows": []}
     for n in o.sizes:
@@ -139,7 +139,7 @@ def data_scale(o) -> dict:
         row = {"images": n}
         if not os.path.exists(manifest):
             t = time.perf_counter()
-            D.make_fake(folder, n)
+            R.make_fake(folder, n)
             row["generate_s"] = time.perf_counter() - t
         row["jpeg_mib"] = sum(e.stat().st_size for d in os.scandir(os.path.join(folder, "images"))
                               for e in os.scandir(d)) / 2 ** 20

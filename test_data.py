@@ -10,6 +10,7 @@ from PIL import Image
 
 import data as D
 import models as M
+import recipes as R
 
 
 def tiny_manifest(folder, n: int = 10) -> str:
@@ -164,12 +165,12 @@ def test_prepare_cuts_patches_per_batch_as_patchify_of_everything(tmp_path):
 
 
 def test_fake_manifest_generator(tmp_path):
-    path = D.make_fake(str(tmp_path / "f"), 12, size=32, classes=3, workers=2, log=lambda *a: None)
+    path = R.make_fake(str(tmp_path / "f"), 12, size=32, classes=3, workers=2, log=lambda *a: None)
     rows = list(csv.DictReader(Path(path).read_text().splitlines()))
     assert len(rows) == 12 and {r["label"] for r in rows} <= {"class000", "class001", "class002"}
     with Image.open(tmp_path / "f" / rows[0]["image"]) as im:
         assert im.format == "JPEG" and im.size == (32, 32)
-    again = D.make_fake(str(tmp_path / "g"), 12, size=32, classes=3, workers=1, log=lambda *a: None)
+    again = R.make_fake(str(tmp_path / "g"), 12, size=32, classes=3, workers=1, log=lambda *a: None)
     assert Path(again).read_text() == Path(path).read_text()                       # seeded, whatever the workers
     assert all((tmp_path / "g" / r["image"]).read_bytes() == (tmp_path / "f" / r["image"]).read_bytes() for r in rows)
     d = D.read_manifest(path, 32, cache_dir=str(tmp_path / "cache"), log=lambda *a: None)
@@ -177,7 +178,11 @@ def test_fake_manifest_generator(tmp_path):
 
 
 def test_fake_cli(tmp_path):
-    D.main(["fake", str(tmp_path / "f"), "--n", "5", "--size", "24", "--classes", "2", "--workers", "1"])
+    """The documented command, `python data.py fake` (data.py hands it to recipes.py)."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "data.py", "fake", str(tmp_path / "f"), "--n", "5", "--size", "24", "--classes", "2",
+                    "--workers", "1"], cwd=os.path.dirname(os.path.abspath(__file__)), check=True, capture_output=True)
     rows = list(csv.DictReader((tmp_path / "f" / "manifest.csv").read_text().splitlines()))
     assert len(rows) == 5 and all((tmp_path / "f" / r["image"]).exists() for r in rows)
 

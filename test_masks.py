@@ -1,4 +1,4 @@
-"""Tests of the real-image development set (data.py icons), the validation split, and the rules that
+"""Tests of the real-image development set (data.py icons, recipes.py), the validation split, and the rules that
 choose which patches a masked exemplar keeps. CPU only, tiny seeded configs. Run: python -m pytest -q"""
 import csv
 import os
@@ -9,8 +9,9 @@ import torch
 
 import data as D
 import exmask
-import models as M
 import exemplars as E
+import models as M
+import recipes as R
 import towers
 from test_exmask import tiny_batch, tiny_model_cfg, tiny_train_cfg
 
@@ -46,7 +47,7 @@ def fake_theme_tree(root, themes=("alpha", "beta", "gamma"), names=("printer", "
 
 def test_icons_builder_writes_a_manifest_with_object_masks(tmp_path):
     root = fake_theme_tree(str(tmp_path / "icons"))
-    path = D.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+    path = R.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
                          min_themes=2, size=32, log=lambda *a: None)
     rows = list(csv.DictReader(open(path)))
     assert sorted({r["label"] for r in rows}) == ["folder", "printer", "user-trash"]   # not "rare", not the link
@@ -60,19 +61,19 @@ def test_icons_builder_writes_a_manifest_with_object_masks(tmp_path):
     # the mask is where the icon is: inside it the image differs from the random background's statistics
     for r in rows[:3]:
         assert r["text"] and r["mask"].startswith("masks/")
-    again = D.build_icons(root, str(tmp_path / "again"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+    again = R.build_icons(root, str(tmp_path / "again"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
                           min_themes=2, size=32, log=lambda *a: None)
     assert open(again).read().replace("again", "out") == open(path).read()              # seeded
     with pytest.raises(SystemExit, match="only 3 icon names"):
-        D.build_icons(root, str(tmp_path / "x"), ("alpha", "beta", "gamma"), n_classes=5, min_themes=2,
+        R.build_icons(root, str(tmp_path / "x"), ("alpha", "beta", "gamma"), n_classes=5, min_themes=2,
                       log=lambda *a: None)
     with pytest.raises(SystemExit, match="none of the themes"):
-        D.build_icons(root, str(tmp_path / "x"), ("nope",), log=lambda *a: None)
+        R.build_icons(root, str(tmp_path / "x"), ("nope",), log=lambda *a: None)
 
 
 def test_icons_cli(tmp_path):
     root = fake_theme_tree(str(tmp_path / "icons"))
-    D.main(["icons", str(tmp_path / "out"), "--themes-root", root, "--themes", "alpha,beta,gamma", "--classes", "2",
+    R.main(["icons", str(tmp_path / "out"), "--themes-root", root, "--themes", "alpha,beta,gamma", "--classes", "2",
             "--per-class", "5", "--min-themes", "3", "--size", "24"])
     rows = list(csv.DictReader(open(tmp_path / "out" / "manifest.csv")))
     assert len(rows) == 10 and len({r["label"] for r in rows}) == 2
@@ -89,7 +90,7 @@ def test_validation_is_carved_from_training_rows_and_the_test_split_ignores_the_
     assert torch.equal(val, D.carve_validation(labels, is_test, 0.25))
     # a manifest without a split column: the same test rows for every run seed
     root = fake_theme_tree(str(tmp_path / "icons"))
-    path = D.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+    path = R.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
                          min_themes=2, size=32, log=lambda *a: None)
     lines = open(path).read().splitlines()
     nosplit = tmp_path / "out" / "nosplit.csv"
@@ -310,7 +311,7 @@ def test_bench_mask_precision_on_a_manifest_with_masks(tmp_path, monkeypatch):
     import bench
     import train as T
     root = fake_theme_tree(str(tmp_path / "icons"))
-    path = D.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+    path = R.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
                          min_themes=2, size=32, log=lambda *a: None)
     cfg = tiny_train_cfg(tmp_path)
     tiny = towers.backbone(cfg, "cpu", T.console(cfg))            # tiny towers instead of the default ones
