@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+import data as D
 import models as M
 from bench_data import data_scale
 from bench_speed import model_speed, phase_loop
@@ -344,9 +345,7 @@ def main(argv=None) -> None:
         report["results"][name] = res
         show(name, res)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(a.out + ".tmp", a.out)
+    D.write_json(a.out, report)
     print(f"wrote {a.out}")
 
 

@@ -195,6 +195,24 @@ def write_atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
+def write_json(path: str, obj, indent: int | None = 1) -> None:
+    """obj as JSON at `path`, written atomically (write_atomic)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+    write_atomic(path, write)
+
+
+def write_csv(path: str, header: list[str], rows) -> None:
+    """A CSV with a header (rows: sequences in the header's order), UTF-8, written atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+    write_atomic(path, write)
+
+
 def _decode_text(raw: bytes, path: str) -> str:
     """A manifest's bytes as text: UTF-8, with or without the byte-order mark spreadsheets write."""
     try:

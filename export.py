@@ -303,17 +303,12 @@ def export_run(folder: str, verify: bool = True, dynamo: bool = True,
     finally:
         if os.path.exists(staged):
             os.remove(staged)
-    _write_json(os.path.join(folder, "labels.json"), class_names)
+    D.write_json(os.path.join(folder, "labels.json"), class_names, indent=None)
     if log:
         log(msg)
     return path
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime

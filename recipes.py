@@ -7,7 +7,6 @@ Each writes OUT/manifest.csv (image, text, label, split[, mask]) that train.py -
 """
 from __future__ import annotations
 
-import csv
 import io
 import multiprocessing as mp
 import os
@@ -17,7 +16,7 @@ import sys
 
 import numpy as np
 
-from data import FILLERS, cores
+from data import FILLERS, cores, write_csv
 
 
 # ----------------------------------------------------------------------------- real images: icon themes
@@ -211,11 +210,7 @@ def build_icons(themes_root: str, out: str, themes: tuple = ICON_SETS["dev"], n_
         if (c + 1) % 20 == 0:
             log(f"  {c + 1}/{len(names)} classes")
     path = os.path.join(out, "manifest.csv")
-    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
+    write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
     log(f"wrote {path}: {len(names)} classes from {len(found)} themes, {len(rows)} images "
         f"({sum(r['split'] == 'train' for r in rows)} train, {sum(r['split'] == 'test' for r in rows)} test)")
     return path
@@ -260,13 +255,10 @@ def make_fake(out: str, n: int, size: int = 224, classes: int = 100, seed: int =
             if done % 10000 < k or done == n:
                 log(f"  {done:,}/{n:,} images")
     path = os.path.join(out, "manifest.csv")
-    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(("image", "text", "label"))
-        for i, c in enumerate(labels.tolist()):
-            fill = " ".join(FILLERS[j] for j in rng.integers(0, len(FILLERS), 3))
-            w.writerow((f"images/{i // 1000:03d}/{i:06d}.jpg", f"a {fill} photo of a class{c:03d} thing", f"class{c:03d}"))
-    os.replace(path + ".tmp", path)   # the manifest last: where it exists, every image does
+    fills = (" ".join(FILLERS[j] for j in rng.integers(0, len(FILLERS), 3)) for _ in labels)
+    write_csv(path, ["image", "text", "label"],   # the manifest last: where it exists, every image does
+              ((f"images/{i // 1000:03d}/{i:06d}.jpg", f"a {fill} photo of a class{c:03d} thing", f"class{c:03d}")
+               for i, (c, fill) in enumerate(zip(labels.tolist(), fills))))
     log(f"wrote {path}: {n:,} images of {size} px, {classes} classes")
     return path
 

@@ -292,13 +292,6 @@ def save_checkpoint(path: str, ck: dict) -> None:
     D.write_atomic(path, lambda tmp: torch.save(ck, tmp))
 
 
-def write_json(path: str, obj) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    D.write_atomic(path, write)
-
-
 # what --resume must find unchanged in a checkpoint (the masking settings decide the memory's contents)
 RUN_KEYS = ("seed", "phases", "first_phase", "memory_per_class", "memory_bytes", "keep_image", "keep_text",
             "image_mask", "mask_candidates", "smooth_image", "context_weight", "recombine", "token_mixup",
@@ -339,7 +332,7 @@ def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> N
                     {"model_config": asdict(model.cfg), "state": {k: v.cpu() for k, v in model.state_dict().items()},
                      "class_names": class_names})
     D.write_atomic(os.path.join(folder, D.tokenizer_filename(tok)), tok.save)
-    write_json(os.path.join(folder, "labels.json"), class_names)
+    D.write_json(os.path.join(folder, "labels.json"), class_names)
 
 
 def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, tok, con) -> dict:
@@ -535,7 +528,7 @@ def train(cfg: Config = Config()) -> list[dict]:
             if cfg.export:
                 import export  # lazily: training alone never loads onnx
                 export.export_run(os.path.join(cfg.out, name), log=con.print)
-            write_json(os.path.join(cfg.out, "results.json"), results if len(results) > 1 else results[0])
+            D.write_json(os.path.join(cfg.out, "results.json"), results if len(results) > 1 else results[0])
     show(results, con)
     draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     return results
