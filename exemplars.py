@@ -102,10 +102,6 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
     return idx[best, torch.arange(n, device=dev)].cpu()
 
 
-def mask_rows(data: dict, rows: torch.Tensor, key: str) -> torch.Tensor | None:
-    return data[key][rows] if key in data else None
-
-
 @torch.no_grad()
 def signals(model: M.TwoTower, data: dict, rows: torch.Tensor, cfg) -> dict:
     """The model's view of dataset rows, in batches of MASK_BATCH: feats (n, F) fused features (for
@@ -146,7 +142,7 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
         if img_mode:
             rule = cfg.image_mask if img_mode == "model" else img_mode
             ki = image_keep(model, x, ids, sig["img_attn"][part], rule, cfg, noise["image"][:, part],
-                            data["labels"][r], mask_rows(data, r, "objects"), sig["feats"][part].to(dev))
+                            data["labels"][r], data["objects"][r] if "objects" in data else None, sig["feats"][part].to(dev))
             keep_idx.append(ki)                                                        # (n, K)
             dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, ki, False)
         if txt_mode:

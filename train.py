@@ -396,8 +396,7 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
         save_checkpoint(ck_path, {"run": run, "n_classes": model.n_classes, "trainable": trainable,
                                   "memory": memory.state_dict() if memory is not None else {},
-                                  "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats,
-                                  "model_config": asdict(mcfg), "class_names": data["class_names"]})
+                                  "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats})
     res = {"method": method, "seed": cfg.seed, "phases": cfg.phases,
            "classes_per_phase": [len(c) for c in phase_cls], "accuracy_matrix": R, **metrics(R, counts),
            "phase_seconds": secs, "trainable_params": n_params or model.trainable_params(),
