@@ -286,7 +286,7 @@ def phase_loop(o, base=None) -> dict:
         ref = timm.create_model(o.vit or "vit_base_patch16_224", pretrained=False, num_classes=0)
         vit = M.ViT(M.vit_config_from_timm(ref))
         M.load_timm_vit(vit, ref.state_dict())
-        mcfg = replace(mcfg, vit=vit.cfg)
+        mcfg = replace(mcfg, vit=vit.cfg, shared_space=False)   # a tower of its own: no shared space
         state = {k: v for k, v in state.items() if not k.startswith("image.")} | {f"image.{k}": v
                                                                                   for k, v in vit.state_dict().items()}
         S = vit.cfg.image_size

@@ -130,8 +130,10 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
     img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
     img_mode = img_mode if model.use_image else None
     txt_mode = txt_mode if model.use_text and cfg.keep_text < 1 else None   # whole text: no positions stored
-    # the cross-modal term needs token features in a shared space: recomputed per batch, never kept
-    tokens = txt_mode == "attn" and context and img_mode is not None
+    # the cross-modal term compares text tokens with image patches, which means something only where
+    # the towers were trained into one space (model.cfg.shared_space; equal widths are not enough):
+    # token features recomputed per batch, never kept
+    tokens = txt_mode == "attn" and context and img_mode is not None and model.cfg.shared_space
     sig = sig or signals(model, data, rows, cfg)
     keep_idx, keep = [], []
     for part in torch.arange(len(rows)).split(MASK_BATCH):
@@ -154,8 +156,7 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
                 if tokens:
                     with autocast(dev):
                         _, (ia, ta) = model.features(x, M.all_patches(x), ids.to(dev), aux=True)
-                    if ia[1].shape[-1] == ta[1].shape[-1]:
-                        ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
+                    ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
                 tscore = exmask.text_scores(sig["txt_attn"][part], content, ctx, cfg.context_weight)
             keep.append(exmask.keep_text(tscore, ids, pad, cfg.keep_text))              # (n, L)
     return {"keep_idx": torch.cat(keep_idx) if keep_idx else None, "keep": torch.cat(keep) if keep else None}

@@ -68,12 +68,16 @@ class ModelConfig:
     adapter: str = "ssf"           # "ssf", "prompt" (deep gated prompts) or "none" (head only)
     prompt_len: int = 4
     modalities: str = "image,text"  # "image", "text" or "image,text"
+    shared_space: bool = True      # both towers trained together into one embedding space (the default
+                                   # towers are); loaders of unrelated checkpoints set it False, and the
+                                   # text mask's cross-modal context term then never runs
 
     @staticmethod
     def from_dict(d: dict) -> "ModelConfig":
         vit = dict(d["vit"], mean=tuple(d["vit"]["mean"]), std=tuple(d["vit"]["std"]))
-        return ModelConfig(ViTConfig(**vit), TextConfig(**d["text"]),
-                           **{k: v for k, v in d.items() if k not in ("vit", "text")})
+        # a file written before shared_space existed claims no shared space
+        rest = {"shared_space": False} | {k: v for k, v in d.items() if k not in ("vit", "text")}
+        return ModelConfig(ViTConfig(**vit), TextConfig(**d["text"]), **rest)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -492,6 +496,9 @@ class TwoTower(nn.Module):
         self.text = TextTransformer(cfg.text, cfg.adapter, cfg.prompt_len)
         e_img = cfg.vit.embed_dim or cfg.vit.dim
         e_txt = cfg.text.embed_dim or cfg.text.dim
+        if cfg.shared_space and self.use_image and self.use_text and e_img != e_txt:
+            raise ValueError(f"towers in one embedding space have one width, got image {e_img} and text {e_txt}; "
+                             "unrelated towers need shared_space=False")
         self.feat_dim = e_img * self.use_image + e_txt * self.use_text
         self.head = empty_linear(self.feat_dim, 0)
         if n_classes:

@@ -1,6 +1,7 @@
 """Tests of the real-image development set (data.py icons, recipes.py), the validation split, and the rules that
 choose which patches a masked exemplar keeps. CPU only, tiny seeded configs. Run: python -m pytest -q"""
 import csv
+import dataclasses
 import os
 from dataclasses import replace
 
@@ -236,6 +237,60 @@ def test_every_image_mask_trains_and_oracle_uses_the_synth_objects(tmp_path, mon
     assert got[0].image_mask == "spread" and got[0].val == 0.25
     with pytest.raises(SystemExit):
         T.main(["--image-mask", "magic"])
+
+
+# ----------------------------------------------------------------------------- the context term (#11)
+
+def text_masks(shared: bool, monkeypatch) -> tuple[dict, int]:
+    """exmask's and no-context's text masks of a tiny model whose towers have one width (24), built
+    as one jointly trained pair (shared) or as two unrelated towers; and how often the context term ran."""
+    import train as T
+    torch.manual_seed(0)
+    mcfg = tiny_model_cfg(shared_space=shared)
+    model = M.TwoTower(mcfg, 3).eval()
+    images, ids = tiny_batch(mcfg, B=3)
+    data = {"patches": M.patchify(images, mcfg.vit.patch_size).to(torch.uint8), "ids": ids,
+            "labels": torch.tensor([0, 1, 2])}
+    cfg = T.Config(keep_text=0.5, image_mask="attn", context_weight=10.0, device="cpu")
+    calls, real = [], exmask.context_scores
+    monkeypatch.setattr(exmask, "context_scores", lambda *a: calls.append(1) or real(*a))
+    rows = torch.arange(3)
+    N, L = data["patches"].shape[1], ids.shape[1]
+    out = {m: E.mask_sets(model, data, rows, m, cfg, E.draw_noise(3, N, L, torch.Generator().manual_seed(0), m, cfg))["keep"]
+           for m in ("exmask", "no-context")}
+    return out, len(calls)
+
+
+def test_context_term_is_skipped_between_unrelated_towers_of_equal_width(monkeypatch):
+    """Equal widths (ViT-S + MiniLM: 384 and 384) are no shared space: the text mask of unrelated
+    towers is the one without the context term."""
+    keep, calls = text_masks(False, monkeypatch)
+    assert calls == 0 and torch.equal(keep["exmask"], keep["no-context"])
+
+
+def test_context_term_runs_for_jointly_trained_towers(monkeypatch):
+    keep, calls = text_masks(True, monkeypatch)
+    assert calls > 0 and not torch.equal(keep["exmask"], keep["no-context"])
+
+
+def test_loaded_towers_share_no_space_and_a_shared_space_needs_one_width(tmp_path):
+    """towers.backbone: the default pair shares a space; with a real tower in place of one it does
+    not. A config that claims a shared space for towers of two widths is refused; a stored config
+    from before the field existed claims none."""
+    import train as T
+    from test_exmask import write_tiny_bert
+    write_tiny_bert(str(tmp_path / "bert"))
+    default = tiny_train_cfg(tmp_path)
+    assert towers.backbone(default, "cpu", T.console(default))[0].shared_space
+    bert = replace(default, text_model=str(tmp_path / "bert"))
+    mcfg = towers.backbone(bert, "cpu", T.console(bert))[0]
+    assert not mcfg.shared_space
+    M.TwoTower(mcfg, 2)                                             # widths 32 and 16: fine, no shared space
+    with pytest.raises(ValueError, match="one width"):
+        M.TwoTower(replace(mcfg, shared_space=True), 2)
+    old = {k: v for k, v in dataclasses.asdict(tiny_model_cfg()).items() if k != "shared_space"}
+    assert not M.ModelConfig.from_dict(old).shared_space
+    assert M.ModelConfig.from_dict(dataclasses.asdict(tiny_model_cfg())).shared_space
 
 
 # ----------------------------------------------------------------------------- method defects (#8)

@@ -156,11 +156,15 @@ def bert_tower(path: str, context: int) -> tuple[M.TextConfig, dict, D.WordPiece
 
 def backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object]:
     """The frozen towers: the default pretrained tiny ones, with either tower replaced by real
-    pretrained weights when --vit / --text-model are given."""
+    pretrained weights when --vit / --text-model are given. Only the default pair was trained into
+    one embedding space; with a tower replaced the pair shares none (mcfg.shared_space False), so
+    the text mask's cross-modal context term is skipped, whatever the towers' widths."""
     if cfg.vit and cfg.text_model:
         mcfg, state, tok = cfg.model, {}, None
     else:
         mcfg, state, tok = default_backbone(cfg, device, con)
+    if cfg.vit or cfg.text_model:
+        mcfg = replace(mcfg, shared_space=False)
     if cfg.vit:
         vcfg, vstate = timm_tower(cfg.vit, cfg.vit_file)
         mcfg = replace(mcfg, vit=vcfg)
