@@ -170,6 +170,26 @@ def full_bytes(n_patches: int, patch_dim: int, context: int, vocab_size: int, im
             + torch.int16.itemsize)
 
 
+def exemplar_bytes(n_patches: int, patch_dim: int, tokens: int, vocab_size: int, context: int,
+                   keep_image: float | None = None, keep_text: float | None = None) -> int:
+    """The bytes encode() stores for one exemplar whose caption has `tokens` real tokens (special ones
+    included) in a row of `context`, counted without building it (to plan a budget before training).
+    keep_image None: every patch, no bit mask (replay); a share: keep_count(n_patches, keep_image)
+    patches and their bit mask (exmask, at any share). keep_text None or >= 1: the whole caption,
+    no bit mask; below 1: the special tokens plus that share of the others (keep_text's rule) and
+    their bit mask."""
+    img = n_patches * patch_dim
+    if keep_image is not None:
+        img = keep_count(n_patches, keep_image) * patch_dim + -(-n_patches // 8)
+    kept, bits = tokens, 0
+    if keep_text is not None and keep_text < 1:
+        special = min(tokens, 2)
+        content = tokens - special
+        share = int((torch.tensor(float(content)) * keep_text).round().clamp(min=1))   # keep_text's float32 rounding
+        kept, bits = special + min(content, share), -(-context // 8)
+    return img + kept * int_dtype(vocab_size).itemsize + bits + torch.int16.itemsize
+
+
 def pack_tokens(ids: torch.Tensor, keep: torch.Tensor | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions ids (B, L) and which tokens to keep (B, L) bool (None: every real one) -> (ids, pos),
     each (B, L'): the kept tokens moved to the front in their order, with their original positions,

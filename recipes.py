@@ -1,12 +1,20 @@
-"""Datasets built as manifests (`python data.py NAME ...` runs these): the real-image development set
-from Debian's icon themes (icons), and generated JPEG manifests for measuring data at scale (fake).
-Each writes OUT/manifest.csv (image, text, label, split[, mask]) that train.py --data reads.
+"""Datasets built as manifests (`python data.py NAME ...` runs these): the paper's two benchmarks from
+copies the user has (food101: UPMC Food-101; imagenet-r: ImageNet-R, with captions the user brings or
+template ones), the real-image development set from Debian's icon themes (icons), and generated JPEG
+manifests for measuring data at scale (fake). Each writes OUT/manifest.csv (image, text, label,
+split[, ...]) that train.py --data reads. `budget` prints what a protocol's memory holds, without training.
 
+    python data.py food101 /data/food101 data/food101
+    python data.py imagenet-r /data data/imagenet-r [--captions captions.csv]
+    python data.py budget --classes 200 --memory-per-class 5
     python data.py icons data/icons-dev [--set dev|heldout] [--themes-root /usr/share/icons]
     python data.py fake data/fake-50000 --n 50000 --size 224
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import hashlib
 import io
 import multiprocessing as mp
 import os
@@ -16,7 +24,275 @@ import sys
 
 import numpy as np
 
-from data import FILLERS, cores, write_csv
+import exmask
+from data import FILLERS, cores, manifest_table, write_csv
+
+# ----------------------------------------------------------------------------- the paper's benchmarks
+
+# UPMC Food-101 and ImageNet-R, from copies the user has, as they are laid out. Nothing is copied:
+# the manifest names each image relative to OUT. Real copies hold more than images (hidden files,
+# notes, the odd unreadable download), so every image is decoded once here, on every core, and a
+# file that does not decode is skipped, counted and listed in OUT/skipped.csv: the image cache that
+# train.py builds later stops at the first bad image.
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+FOOD101_LAYOUT = "ROOT/images/{train,test}/<class>/<file>.jpg and ROOT/texts/{train,test}_titles.csv"
+# ImageNet-R file names are <rendition>_<n>.jpg; a few renditions read badly in "a ... of a goldfish"
+RENDITION_WORDS = {"art": "artwork", "misc": "picture", "videogame": "video game picture",
+                   "deviantart": "DeviantArt drawing"}
+
+
+def is_image_name(name: str) -> bool:
+    """A file that may be an image: an image extension, not hidden (macOS's ._ files included)."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
+
+
+def _why_unreadable(paths: list[str]) -> list[str]:
+    """Worker: for each file, "" where it decodes whole, else why not (one line)."""
+    from PIL import Image
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.draft("RGB", (64, 64))        # JPEG: decode at a smaller scale, still every byte
+                im.load()
+            out.append("")
+        except Exception as e:   # any failure to decode (truncated, not an image, a bomb) skips the file
+            out.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": "))
+    return out
+
+
+def check_images(paths: list[str], workers: int = 0, what: str = "checking images") -> list[str]:
+    """Why each image does not decode ("" where it does), on `workers` processes (0 = every core),
+    in order, with a progress bar on a terminal."""
+    from rich.console import Console
+    from rich.progress import Progress
+    con = Console(stderr=True)
+    chunks = [paths[i:i + 64] for i in range(0, len(paths), 64)]
+    workers = workers or cores()
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    out: list[str] = []
+    with (Progress(console=con, transient=True, disable=not con.is_terminal) as bar,
+          ctx.Pool(workers) if workers > 1 and len(chunks) > 1 else contextlib.nullcontext() as pool):
+        task = bar.add_task(what, total=len(paths))
+        for res in (pool.imap(_why_unreadable, chunks) if pool else map(_why_unreadable, chunks)):
+            out += res
+            bar.advance(task, len(res))
+    return out
+
+
+def read_text_file(path: str, log=print) -> str:
+    """A text file as UTF-8 (a byte-order mark is fine); one that is not is read as Windows-1252, said once."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        log(f"note: {path} is not UTF-8; read as Windows-1252")
+        return raw.decode("cp1252", errors="replace")
+
+
+def write_benchmark(out: str, rows: list[dict], skipped: list[tuple[str, str]], counts: dict, log=print) -> str:
+    """OUT/manifest.csv from rows (dicts in one key order), OUT/skipped.csv (path, reason: always
+    written, so an old list never outlives its run), and one summary line. Returns the manifest's path."""
+    os.makedirs(out, exist_ok=True)
+    listed = os.path.join(out, "skipped.csv")
+    write_csv(listed, ["path", "reason"], skipped)
+    if not rows:
+        raise SystemExit(f"error: no readable image found; {len(skipped)} file(s) skipped, listed in {listed}")
+    path = os.path.join(out, "manifest.csv")
+    write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
+    manifest_table(path)           # train.py's checks, now: a class with test rows and no training rows stops here
+    n_test = sum(r["split"] == "test" for r in rows)
+    extra = ", ".join(f"{k}: {v:,}" for k, v in counts.items() if v)
+    log(f"wrote {path}: {len(rows):,} images of {len({r['label'] for r in rows})} classes ({len(rows) - n_test:,} "
+        f"train, {n_test:,} test); skipped {len(skipped)} (listed in {listed})" +
+        (f"; {extra}" if extra else ""))
+    return path
+
+
+def build_food101(root: str, out: str, workers: int = 0, log=print) -> str:
+    """UPMC Food-101 in the layout ViLT-based multimodal code uses -> OUT/manifest.csv (image, text, label,
+    split), the official train/test split. Rows come from texts/{split}_titles.csv (file name, title,
+    class; no header): a title with unquoted commas keeps every field between the first and the last;
+    an image with no title row, a row with no image, a duplicate row or a header-like row is skipped
+    and counted; files that are no images (hidden files, notes) are ignored and counted."""
+    rows, skipped, seen = [], [], set()
+    counts = {"stray files ignored": 0, "images without a title": 0}
+    for split in ("train", "test"):
+        csv_path = os.path.join(root, "texts", f"{split}_titles.csv")
+        img_dir = os.path.join(root, "images", split)
+        if not os.path.isfile(csv_path) or not os.path.isdir(img_dir):
+            raise SystemExit(f"error: {root} is not a UPMC Food-101 copy: {csv_path if not os.path.isfile(csv_path) else img_dir} "
+                             f"is missing (expected {FOOD101_LAYOUT})")
+        listed = set()
+        reader = csv.reader(io.StringIO(read_text_file(csv_path, log)))
+        try:
+            table = [(reader.line_num, fields) for fields in reader]     # the line each row ends on
+        except csv.Error as e:     # e.g. a quote never closed runs past the field size limit
+            raise SystemExit(f"error: cannot parse {csv_path} near line {reader.line_num}: {e}") from None
+        for n, fields in table:
+            if not any(f.strip() for f in fields):
+                continue                                     # a blank line
+            where = f"{os.path.relpath(csv_path, root)} line {n}"
+            if len(fields) < 3 or not is_image_name(fields[0].strip()):
+                skipped.append((where, f"not a row of file name, title, class: {','.join(fields)[:60]!r}"))
+                continue
+            file, label = fields[0].strip(), fields[-1].strip()
+            title = " ".join(",".join(fields[1:-1]).split())  # one line, single spaces
+            image = os.path.join(img_dir, label, file)
+            if (split, file) in seen:
+                skipped.append((where, f"a second row for {file}"))
+            elif not os.path.isfile(image):
+                skipped.append((os.path.relpath(image, root), f"no such image ({where})"))
+            else:
+                seen.add((split, file))
+                listed.add(image)
+                rows.append({"image": image, "text": title, "label": label, "split": split})
+        for d, _, files in os.walk(img_dir):
+            for f in files:
+                p = os.path.join(d, f)
+                if not is_image_name(f):
+                    counts["stray files ignored"] += 1
+                elif p not in listed:
+                    counts["images without a title"] += 1
+                    skipped.append((os.path.relpath(p, root), "no title row"))
+    why = check_images([r["image"] for r in rows], workers, "checking Food-101 images")
+    skipped += [(os.path.relpath(r["image"], root), w) for r, w in zip(rows, why) if w]
+    counts["unreadable images"] = sum(bool(w) for w in why)
+    rows = sorted((dict(r, image=os.path.relpath(r["image"], out)) for r, w in zip(rows, why) if not w),
+                  key=lambda r: (r["split"] != "train", r["label"], r["image"]))
+    return write_benchmark(out, rows, skipped, counts, log)
+
+
+def imagenet_names() -> dict[str, str]:
+    """ImageNet wnid -> a readable class name (the first WordNet lemma), from timm's package data
+    (timm is a requirement): no table typed by hand."""
+    import pkgutil
+    lemmas = pkgutil.get_data("timm.data", "_info/imagenet_synset_to_lemma.txt").decode("utf-8")
+    return {w: lemma.split(",")[0].strip() for w, lemma in csv.reader(lemmas.splitlines(), delimiter="\t")}
+
+
+def imagenet_r_wnids() -> list[str]:
+    """The 200 wnids of ImageNet-R, from timm's package data."""
+    import pkgutil
+    return pkgutil.get_data("timm.data", "_info/imagenet_r_synsets.txt").decode("utf-8").split()
+
+
+def article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def template_caption(rendition: str, name: str) -> str:
+    """The stand-in caption of an ImageNet-R image: "a sketch of a goldfish". It names the class."""
+    what = RENDITION_WORDS.get(rendition, rendition.replace("_", " ") or "picture")
+    return f"{article(what)} {what} of {article(name)} {name}"
+
+
+def read_captions(path: str, log=print) -> dict[str, str]:
+    """A captions CSV (relative image path, caption; a header row is fine) -> {"<wnid>/<file>": caption}.
+    Paths may start with imagenet-r/ or ./ and use either slash."""
+    out = {}
+    for fields in csv.reader(io.StringIO(read_text_file(path, log))):
+        if len(fields) < 2 or not is_image_name(fields[0].strip().rsplit("/", 1)[-1]):
+            continue                                         # a header or a blank line
+        key = fields[0].strip().replace("\\", "/").removeprefix("./").removeprefix("imagenet-r/")
+        out[key] = " ".join(",".join(fields[1:]).split())
+    if not out:
+        raise SystemExit(f"error: no captions in {path} (expected rows of: relative image path, caption)")
+    return out
+
+
+def build_imagenet_r(root: str, out: str, captions: str = "", test_share: float = 0.2, seed: int = 0,
+                     workers: int = 0, log=print) -> str:
+    """ImageNet-R (ROOT/imagenet-r/<wnid>/<rendition>_<n>.jpg; ROOT may be the imagenet-r folder
+    itself) -> OUT/manifest.csv (image, text, label, split, text_source). Labels are readable class
+    names from the wnids. Captions come from `captions` (rows: path relative to imagenet-r/, caption)
+    where it has the image, else from the template "a <rendition> of a <class>": text_source says
+    which ("captions" or "template"). ImageNet-R has no split: each class's images are ordered by a
+    hash of (seed, path) and the first test_share of them are test, so the split is seeded, exact per
+    class and independent of which other files a copy holds."""
+    if not 0 <= test_share < 1:
+        raise SystemExit(f"error: the test share must lie in [0, 1), got {test_share}")
+    base = os.path.join(root, "imagenet-r")
+    base = base if os.path.isdir(base) else root
+    if not os.path.isdir(base):
+        raise SystemExit(f"error: no such folder {root} (expected ROOT/imagenet-r/<wnid>/<rendition>_<n>.jpg)")
+    names = imagenet_names()
+    known = set(imagenet_r_wnids())
+    caps = read_captions(captions, log) if captions else {}
+    found, counts = [], {"stray files ignored": 0, "folders not in ImageNet-R": 0}
+    for wnid in sorted(os.listdir(base)):
+        d = os.path.join(base, wnid)
+        if not os.path.isdir(d) or not re.fullmatch(r"n\d{8}", wnid):
+            counts["stray files ignored"] += 1
+            continue
+        counts["folders not in ImageNet-R"] += wnid not in known
+        for d_, _, files in os.walk(d):
+            for f in sorted(files):
+                if is_image_name(f):
+                    found.append((wnid, os.path.relpath(os.path.join(d_, f), base).replace(os.sep, "/")))
+                else:
+                    counts["stray files ignored"] += 1
+    if not found:
+        raise SystemExit(f"error: no images in {base} (expected <wnid>/<rendition>_<n>.jpg, e.g. n01443537/art_0.jpg)")
+    why = check_images([os.path.join(base, rel) for _, rel in found], workers, "checking ImageNet-R images")
+    skipped = [(rel, w) for (_, rel), w in zip(found, why) if w]
+    counts["unreadable images"] = len(skipped)
+    by_class: dict[str, list[str]] = {}
+    for (wnid, rel), w in zip(found, why):
+        if not w:
+            by_class.setdefault(wnid, []).append(rel)
+    rows, used = [], 0
+    for wnid, rels in sorted(by_class.items()):
+        rels.sort(key=lambda r: hashlib.sha256(f"{seed}:{r}".encode()).hexdigest())
+        n_test = round(len(rels) * test_share) if len(rels) > 1 else 0   # a class keeps a training row
+        name = names.get(wnid, wnid)
+        for k, rel in enumerate(rels):
+            m = re.fullmatch(r"(.+?)_\d+", os.path.splitext(os.path.basename(rel))[0])
+            given = caps.get(rel)
+            used += given is not None
+            rows.append({"image": os.path.relpath(os.path.join(base, rel), out), "label": name,
+                         "text": given if given is not None else template_caption(m.group(1) if m else "", name),
+                         "split": "test" if k < n_test else "train",
+                         "text_source": "captions" if given is not None else "template"})
+    rows = [{k: r[k] for k in ("image", "text", "label", "split", "text_source")}
+            for r in sorted(rows, key=lambda r: (r["label"], r["image"]))]
+    counts["template captions"] = len(rows) - used
+    if caps:
+        counts["captions matching no image"] = len(caps) - used
+    return write_benchmark(out, rows, skipped, counts, log)
+
+
+# ----------------------------------------------------------------------------- the memory of a protocol
+
+def budget_plan(classes: int, memory_per_class: float = 5.0, image_size: int = 224, patch: int = 16,
+                context: int = 64, vocab_size: int = 30522, keep_image: float = 0.2, keep_text: float = 1.0,
+                tokens: int = 0) -> dict:
+    """What the memory of a protocol holds, without training, counted as train.py counts it: the
+    budget's unit is one full exemplar at the longest caption (exmask.full_bytes), each class gets
+    int(memory_per_class x unit) bytes, and an exemplar whose caption has `tokens` tokens (0 = the
+    context: the fewest exemplars) costs exmask.exemplar_bytes, full for replay, masked for exmask.
+    Defaults: ViT-B/16 at 224 px and a BERT-family text tower (all-MiniLM-L6-v2: 30,522 ids, the
+    64 positions train.py keeps)."""
+    n, p = (image_size // patch) ** 2, 3 * patch * patch
+    tokens = min(tokens or context, context)
+    unit = exmask.full_bytes(n, p, context, vocab_size)
+    quota = int(memory_per_class * unit)
+    replay = exmask.exemplar_bytes(n, p, tokens, vocab_size, context)
+    masked = exmask.exemplar_bytes(n, p, tokens, vocab_size, context, keep_image, keep_text)
+    return {"classes": classes, "patches": n, "kept_patches": exmask.keep_count(n, keep_image), "tokens": tokens,
+            "full_exemplar_bytes": unit, "class_bytes": quota, "budget_bytes": quota * classes,
+            "replay_exemplar_bytes": replay, "exmask_exemplar_bytes": masked,
+            "replay_per_class": quota // replay, "exmask_per_class": quota // masked}
+
+
+def show_budget(b: dict, log=print) -> None:
+    log(f"memory for {b['classes']} classes: {b['budget_bytes']:,} bytes in all ({b['budget_bytes'] / 2 ** 20:,.1f} MiB), "
+        f"{b['class_bytes']:,} a class (one full exemplar: {b['full_exemplar_bytes']:,} bytes)")
+    log(f"  replay: {b['replay_per_class']} exemplars a class, {b['replay_exemplar_bytes']:,} bytes each "
+        f"({b['patches']} patches, {b['tokens']} tokens)")
+    log(f"  exmask: {b['exmask_per_class']} exemplars a class, {b['exmask_exemplar_bytes']:,} bytes each "
+        f"({b['kept_patches']} of {b['patches']} patches, {b['tokens']} tokens)")
 
 
 # ----------------------------------------------------------------------------- real images: icon themes
@@ -280,6 +556,28 @@ def main(argv=None) -> None:
                     f"(0 = {ICON_MIN_THEMES})")
     ic.add_argument("--size", type=int, default=64, help="image side in pixels")
     ic.add_argument("--seed", type=int, default=0)
+    fd = sub.add_parser("food101", help="UPMC Food-101 as a manifest, the official split")
+    fd.add_argument("root", help=f"the copy: {FOOD101_LAYOUT}")
+    fd.add_argument("out", help="output folder (manifest.csv, skipped.csv; the images stay where they are)")
+    fd.add_argument("--workers", type=int, default=0, help="processes checking the images (0 = every core)")
+    ir = sub.add_parser("imagenet-r", help="ImageNet-R as a manifest, a seeded 80/20 split per class")
+    ir.add_argument("root", help="the folder holding imagenet-r/<wnid>/<rendition>_<n>.jpg (or imagenet-r itself)")
+    ir.add_argument("out", help="output folder (manifest.csv, skipped.csv; the images stay where they are)")
+    ir.add_argument("--captions", default="", help="CSV of (image path relative to imagenet-r/, caption), e.g. "
+                    "MM-ImageNet-R's; images it lacks get a template caption (text_source=template)")
+    ir.add_argument("--test-share", type=float, default=0.2, help="share of each class's images that are test")
+    ir.add_argument("--seed", type=int, default=0, help="seeds the split")
+    ir.add_argument("--workers", type=int, default=0, help="processes checking the images (0 = every core)")
+    bd = sub.add_parser("budget", help="what a protocol's memory holds (bytes, exemplars per class), without training")
+    bd.add_argument("--classes", type=int, default=200, help="classes seen at the end (MM-ImageNet-R 200, Food-101 101)")
+    bd.add_argument("--memory-per-class", type=float, default=5.0, help="full exemplars' bytes per class (train.py's)")
+    bd.add_argument("--image-size", type=int, default=224, help="the image tower's input side (ViT-B/16: 224)")
+    bd.add_argument("--patch", type=int, default=16, help="patch side")
+    bd.add_argument("--context", type=int, default=64, help="caption positions (train.py keeps 64 of a BERT tower's)")
+    bd.add_argument("--vocab", type=int, default=30522, help="text vocabulary size (MiniLM/BERT: 30,522)")
+    bd.add_argument("--keep-image", type=float, default=0.2, help="share of patches exmask keeps (train.py's default)")
+    bd.add_argument("--keep-text", type=float, default=1.0, help="share of caption tokens exmask keeps (1 = whole)")
+    bd.add_argument("--tokens", type=int, default=0, help="tokens of a stored caption (0 = the context: fewest exemplars)")
     fk = sub.add_parser("fake", help="a generated manifest of JPEGs, for measuring data at scale")
     fk.add_argument("out", help="output folder (manifest.csv, images/)")
     fk.add_argument("--n", type=int, default=5000, help="images")
@@ -288,6 +586,16 @@ def main(argv=None) -> None:
     fk.add_argument("--seed", type=int, default=0)
     fk.add_argument("--workers", type=int, default=0, help="processes (0 = every core)")
     a = p.parse_args(argv)
+    if a.cmd == "food101":
+        build_food101(a.root, a.out, a.workers)
+        return
+    if a.cmd == "imagenet-r":
+        build_imagenet_r(a.root, a.out, a.captions, a.test_share, a.seed, a.workers)
+        return
+    if a.cmd == "budget":
+        show_budget(budget_plan(a.classes, a.memory_per_class, a.image_size, a.patch, a.context, a.vocab,
+                                a.keep_image, a.keep_text, a.tokens))
+        return
     if a.cmd == "fake":
         make_fake(a.out, a.n, a.size, a.classes, a.seed, a.workers)
         return
