@@ -247,3 +247,27 @@ def test_budget_cli(tmp_path):
     assert f"{b['budget_bytes']:,} bytes in all" in out
     assert f"replay: {b['replay_per_class']} exemplars a class" in out
     assert f"exmask: {b['exmask_per_class']} exemplars a class" in out and "59 of 196 patches" in out
+
+
+def test_readme_protocol_commands_parse_and_quote_the_budget(monkeypatch):
+    """The README's train.py commands for the two benchmarks are the protocol (ViT-B/16 at 224 px, SSF,
+    5 full exemplars' bytes a class, 5 / 10 / 20 phases that split 101 or 200 classes), and the memory it
+    quotes is budget_plan's."""
+    import train as T
+    readme = Path(HERE, "README.md").read_text(encoding="utf-8")
+    got = []
+    monkeypatch.setattr(T, "train", got.append)
+    for name, classes in (("food101", 101), ("imagenet-r", 200)):
+        lines = [ln for ln in readme.splitlines() if ln.startswith(f"python train.py --data data/{name}/manifest.csv")]
+        assert len(lines) == 3
+        for ln in lines:
+            T.main(ln.replace("$MINILM", "minilm").split()[2:])
+        cfgs = got[-3:]
+        assert sorted(c.phases for c in cfgs) == [5, 10, 20]
+        for c in cfgs:
+            assert (c.memory_per_class, c.vit, c.model.adapter, c.methods) == (5, "vit_base_patch16_224", "ssf", "replay,exmask")
+            D.phase_classes(list(range(classes)), c.phases, c.first_phase)          # splits without an error
+        b = R.budget_plan(classes)
+        for k in ("budget_bytes", "class_bytes", "full_exemplar_bytes", "exmask_exemplar_bytes"):
+            assert f"{b[k]:,}" in readme
+        assert (b["replay_per_class"], b["exmask_per_class"]) == (5, 25)
