@@ -3,6 +3,7 @@
     python train.py                                    # embedded default, method exmask
     python train.py --methods finetune,replay,joint    # several methods side by side
     python train.py --data my/manifest.csv --phases 10 --memory-per-class 5
+    python train.py --continue runs/a/exmask --data new.csv --out runs/b   # new classes later (extend.py)
 
 From Python (a notebook): `from train import Config, train; results = train(Config(phases=5))`.
 
