@@ -218,8 +218,8 @@ def continue_run(cfg: T.Config, con) -> list[dict]:
     phase_cls = ([list(range(e - s, e)) for s, e in zip(sizes, ends)]
                  + [[n_old + c for c in p] for p in D.phase_classes(list(range(len(new["class_names"]))), cfg.new_phases)])
     method, out = run["method"], os.path.join(cfg.out, run["method"])
-    con.print(f"[{method}] continuing {folder}: {n_old} classes in {len(sizes)} phases, "
-              f"+{len(new['class_names'])} new classes in {cfg.new_phases}")
+    con.print(f"[{method}] continuing {folder} ({n_old} classes): {len(new['class_names'])} new classes in "
+              f"{cfg.new_phases} phase(s)" + ("" if old else "; the old classes are not measured (no --eval-data)"))
     res, model = T.run_method(replace(rcfg, out=out), method, data, mcfg, rd["backbone"], tok, con, phase_cls, ck)
     res["settings"] = {**{k: getattr(rcfg, k) for k in T.RUN_KEYS}, "data": cfg.data, "eval_data": cfg.eval_data,
                        "continued_from": os.path.abspath(folder)}

@@ -404,7 +404,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         secs.append(time.time() - t0)
         mem_stats.append(memory.stats() if memory is not None else joint_stats(data, seen, model) if method == "joint" else {})
         acc = sum(r * n for r, n in zip(row, cnt) if r is not None) / sum(cnt)
-        con.print(f"[{method}] phase {t + 1}/{cfg.phases}: accuracy {acc:.1f}% on {model.n_classes} classes, "
+        measured = sum(len(c) for c, r in zip(phase_cls, row) if r is not None)
+        con.print(f"[{method}] phase {t + 1}/{cfg.phases}: accuracy {acc:.1f}% on {measured} classes, "
                   f"{secs[-1]:.1f}s" + (f", memory {len(memory)} exemplars, {memory.bytes_used():,} B"
                                          if memory is not None else ""))
         trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
