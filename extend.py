@@ -91,7 +91,8 @@ def run_config(cfg: T.Config, run: dict, mcfg: M.ModelConfig) -> T.Config:
     """cfg with the run's settings (run_identity), method and towers: a field left at its default
     takes the run's value; a field given with another value is refused, by name."""
     default = T.Config()
-    theirs = {**{k: run[k] for k in T.RUN_KEYS}, "methods": run["method"]}
+    # a setting newer than the run: the run behaved as its default did
+    theirs = {**{k: run.get(k, getattr(default, k)) for k in T.RUN_KEYS}, "methods": run["method"]}
     for k, v in theirs.items():
         mine = getattr(cfg, k)
         if mine != getattr(default, k) and mine != v:
@@ -110,7 +111,7 @@ def run_config(cfg: T.Config, run: dict, mcfg: M.ModelConfig) -> T.Config:
             if k != "text.vocab_size" and given[k] != towers[k]:
                 raise SystemExit(f"error: --continue: model.{k} {given[k]!r} given, the run's towers have "
                                  f"{towers[k]!r}; a continued run keeps its run's towers")
-    return replace(cfg, **{k: run[k] for k in T.RUN_KEYS}, methods=run["method"], model=mcfg)
+    return replace(cfg, **theirs, model=mcfg)
 
 
 def check_out(out: str, given: str, folder: str) -> None:
