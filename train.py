@@ -3,6 +3,7 @@
     python train.py                                    # embedded default, method exmask
     python train.py --methods finetune,replay,joint    # several methods side by side
     python train.py --data my/manifest.csv --phases 10 --memory-per-class 5
+    python train.py --continue runs/a/exmask --data new.csv --out runs/b   # new classes later (extend.py)
 
 From Python (a notebook): `from train import Config, train; results = train(Config(phases=5))`.
 
@@ -79,6 +80,10 @@ class Config:
     vit_file: str = ""                      # local weights for --vit (else timm fetches them)
     text_model: str = ""                    # a BERT-family folder (config.json, model.safetensors, vocab.txt)
     quiet: bool = False
+    continue_from: str = ""                 # a finished run's folder: learn `data`'s new classes after it (extend.py)
+    new_phases: int = 1                     # with continue_from: the phases the new classes are learned in
+    eval_data: str = ""                     # with continue_from: the run's own manifest, its old classes' test rows
+                                            # measured too (forgetting)
 
     def __post_init__(self):
         bad = [m for m in self.method_list if m not in METHODS]
@@ -99,8 +104,10 @@ class Config:
             raise ValueError(f"val is a share of the training rows and must lie in [0, 1), got {self.val}")
         if self.replay not in ("epoch", "batch"):
             raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
-        if self.phases < 1 or self.epochs < 1 or self.batch_size < 1:
+        if self.phases < 1 or self.epochs < 1 or self.batch_size < 1 or self.new_phases < 1:
             raise ValueError("phases, epochs and batch size must be at least 1")
+        if self.eval_data and not self.continue_from:
+            raise ValueError("eval_data measures a continued run's old classes: it needs continue_from")
 
     @property
     def method_list(self) -> list[str]:
@@ -189,19 +196,23 @@ def prepare(raw: dict, cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
 
 # ----------------------------------------------------------------------------- metrics
 
-def metrics(R: list[list[float]], counts: list[list[int]]) -> dict:
-    """R[t][j]: accuracy (%) after phase t on the test data of phase j (j <= t); counts: test sizes."""
+def metrics(R: list[list[float | None]], counts: list[list[int]]) -> dict:
+    """R[t][j]: accuracy (%) after phase t on the test data of phase j (j <= t); counts: test sizes.
+    None where phase j had no rows to measure (a continued run's old classes without --eval-data):
+    such an entry counts in no figure."""
     T = len(R)
-    acc = [sum(r * n for r, n in zip(R[t], counts[t])) / sum(counts[t]) for t in range(T)]
-    forg = [max(R[t][j] for t in range(j, T - 1)) - R[T - 1][j] for j in range(T - 1)]
-    bwt = [R[T - 1][j] - R[j][j] for j in range(T - 1)]
+    acc = [sum(r * n for r, n in zip(R[t], counts[t]) if r is not None) / sum(counts[t]) for t in range(T)]
+    forg = [max(R[t][j] for t in range(j, T - 1) if R[t][j] is not None) - R[T - 1][j] for j in range(T - 1)
+            if R[T - 1][j] is not None and any(R[t][j] is not None for t in range(j, T - 1))]
+    bwt = [R[T - 1][j] - R[j][j] for j in range(T - 1) if R[T - 1][j] is not None and R[j][j] is not None]
     return {"phase_accuracy": acc, "avg_incremental_accuracy": sum(acc) / T, "last_accuracy": acc[-1],
             "avg_forgetting": sum(forg) / len(forg) if forg else 0.0, "bwt": sum(bwt) / len(bwt) if bwt else 0.0}
 
 
 @torch.no_grad()
 def evaluate(model: M.TwoTower, data: dict, phase_cls: list[list[int]], t: int, device: str, bs: int = 256):
-    """Accuracy (%) and sample count on the test data of each phase 0..t."""
+    """Accuracy (%) and sample count on the test data of each phase 0..t (None, 0 for a phase
+    without test rows: only a continued run's old classes, without --eval-data)."""
     model.eval()
     row, cnt = [], []
     for j in range(t + 1):
@@ -214,7 +225,7 @@ def evaluate(model: M.TwoTower, data: dict, phase_cls: list[list[int]], t: int, 
             with autocast(device):
                 logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
             correct += (logits.argmax(1).cpu() == data["labels"][b]).sum().item()
-        row.append(100.0 * correct / max(len(idx), 1))
+        row.append(100.0 * correct / len(idx) if len(idx) else None)
         cnt.append(len(idx))
     return row, cnt
 
@@ -335,9 +346,12 @@ def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> N
     D.write_json(os.path.join(folder, "labels.json"), class_names)
 
 
-def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, tok, con) -> dict:
+def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, tok, con,
+               phase_cls: list[list[int]] | None = None, start_from: dict | None = None) -> dict:
+    """One method through every phase. A continued run (extend.py) passes its own phase schedule and
+    start_from, the finished run's checkpoint: it goes on from there as --resume goes on from its own."""
     device = cfg.device
-    phase_cls = D.phase_classes(list(range(len(data["class_names"]))), cfg.phases, cfg.first_phase)
+    phase_cls = phase_cls or D.phase_classes(list(range(len(data["class_names"]))), cfg.phases, cfg.first_phase)
     torch.manual_seed(cfg.seed)
     model = M.TwoTower(mcfg).to(device)
     missing = set(model.backbone_state()) - set(backbone)
@@ -356,14 +370,14 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
     R, counts, secs, mem_stats, start = [], [], [], [], 0
     ck_path = checkpoint_path(cfg.out)   # cfg.out: this method's own folder
     run = run_identity(cfg, method, data, mcfg)
-    if cfg.resume and os.path.exists(ck_path):
-        ck = load_checkpoint(ck_path, run)
+    ck = load_checkpoint(ck_path, run) if cfg.resume and os.path.exists(ck_path) else start_from
+    if ck is not None:
         model.grow(ck["n_classes"])
         model.load_state_dict(ck["trainable"], strict=False)
         memory = Memory.from_state_dict(ck["memory"]) if ck["memory"] else None
         R, counts, secs, mem_stats = ck["R"], ck["counts"], ck["secs"], ck["mem_stats"]
         start = len(R)
-        con.print(f"[{method}] resumed after phase {start}/{cfg.phases}")
+        con.print(f"[{method}] {'continued' if ck is start_from else 'resumed'} after phase {start}/{cfg.phases}")
     n_params = None
     for t in range(start, cfg.phases):
         t0 = time.time()
@@ -389,12 +403,14 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         counts.append(cnt)
         secs.append(time.time() - t0)
         mem_stats.append(memory.stats() if memory is not None else joint_stats(data, seen, model) if method == "joint" else {})
-        acc = sum(r * n for r, n in zip(row, cnt)) / sum(cnt)
-        con.print(f"[{method}] phase {t + 1}/{cfg.phases}: accuracy {acc:.1f}% on {model.n_classes} classes, "
+        acc = sum(r * n for r, n in zip(row, cnt) if r is not None) / sum(cnt)
+        measured = sum(len(c) for c, r in zip(phase_cls, row) if r is not None)
+        con.print(f"[{method}] phase {t + 1}/{cfg.phases}: accuracy {acc:.1f}% on {measured} classes, "
                   f"{secs[-1]:.1f}s" + (f", memory {len(memory)} exemplars, {memory.bytes_used():,} B"
                                          if memory is not None else ""))
         trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
         save_checkpoint(ck_path, {"run": run, "n_classes": model.n_classes, "trainable": trainable,
+                                  "classes_per_phase": [len(c) for c in phase_cls],
                                   "memory": memory.state_dict() if memory is not None else {},
                                   "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats})
     res = {"method": method, "seed": cfg.seed, "phases": cfg.phases,
@@ -500,6 +516,9 @@ def train(cfg: Config = Config()) -> list[dict]:
         raise SystemExit("error: --device cuda asked for, but no GPU is visible to PyTorch")
     name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
     cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
+    if cfg.continue_from:   # new classes after a finished run: its own file
+        import extend
+        return extend.continue_run(cfg, con)
     os.makedirs(cfg.out, exist_ok=True)
     # every problem with the data or the phase split, in one line, before any long work
     seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
@@ -586,7 +605,8 @@ def main(argv=None) -> None:
     c = Config()
     p.add_argument("--data", default=c.data, help="manifest CSV/JSONL (fields image,text,label[,split]); default: embedded")
     p.add_argument("--methods", "--method", dest="methods", default=c.methods, help=f"comma-separated: {', '.join(METHODS)}")
-    p.add_argument("--phases", type=int, default=c.phases)
+    p.add_argument("--phases", type=int, default=None,
+                   help=f"phases (default {c.phases}); with --continue, the new classes' phases (default {c.new_phases})")
     p.add_argument("--first-phase", type=int, default=c.first_phase, help="classes in the first phase (0 = even split)")
     p.add_argument("--memory-per-class", type=float, default=c.memory_per_class, help="budget, full exemplars' bytes per class")
     p.add_argument("--memory-bytes", type=int, default=c.memory_bytes, help="fixed total budget in bytes")
@@ -623,9 +643,15 @@ def main(argv=None) -> None:
     p.add_argument("--replay", default=c.replay, choices=["epoch", "batch"],
                    help="epoch: every exemplar once per epoch beside the new data; batch: batch-size exemplars per step")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
+    p.add_argument("--continue", dest="continue_from", metavar="RUN_DIR", default=c.continue_from,
+                   help="learn --data's new classes after this finished run (its settings and memory); see extend.py")
+    p.add_argument("--eval-data", default=c.eval_data, help="with --continue: the run's manifest, to measure its old classes too")
     a = p.parse_args(argv)
+    new_phases = a.phases if a.continue_from and a.phases is not None else c.new_phases
+    phases = a.phases if not a.continue_from and a.phases is not None else c.phases
     try:
-        cfg = Config(data=a.data, methods=a.methods, phases=a.phases, first_phase=a.first_phase,
+        cfg = Config(data=a.data, methods=a.methods, phases=phases, first_phase=a.first_phase,
+                     continue_from=a.continue_from, new_phases=new_phases, eval_data=a.eval_data,
                      memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, seeds=a.seeds, epochs=a.epochs,
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
