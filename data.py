@@ -588,10 +588,11 @@ class WordPieceTokenizer:
 
 def bytes_to_unicode() -> dict[int, str]:
     """Byte-level BPE's alphabet: every byte as one printable character. Printable Latin-1 bytes stand
-    for themselves; the other 68 (control bytes, space, ...) take the characters from U+0100 on."""
+    for themselves; the other 68 (control bytes, space, ...) take the characters from U+0100 on. In
+    OpenAI's order, printable bytes first: CLIP's vocabulary starts with these characters in this order."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+    rest = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(rest)}
 
 
 # CLIP's pre-tokenizer: at each point a contraction, else a run of letters, one digit, or a run of
@@ -601,8 +602,9 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 class ClipTokenizer:
     """CLIP's byte-level BPE (OpenAI CLIP, open_clip, Hugging Face CLIPTokenizer): the text cleaned
-    (HTML entities, NFC, one space for any whitespace, lower case), split into words, each word's
-    UTF-8 bytes merged by rank with "</w>" marking its end. encode() -> <|startoftext|> pieces
+    as OpenAI's tokenizer cleans it (HTML entities unescaped, which Hugging Face's does not; NFC, one
+    space for any whitespace, lower case; not ftfy's repair of mis-decoded text), split into words,
+    each word's UTF-8 bytes merged by rank with "</w>" marking its end. encode() -> <|startoftext|> pieces
     <|endoftext|>; pad_id is one past the vocabulary (a token of its own, never a real one: the
     text tower's embedding gets a row for it)."""
 
@@ -703,7 +705,7 @@ class ClipTokenizer:
 
 class SiglipTokenizer:
     """SigLIP's SentencePiece model (spiece.model), read as Hugging Face's SiglipTokenizer reads it:
-    punctuation removed, whitespace collapsed, then pieces and the end token </s>. No start token:
+    lower case, ASCII punctuation removed, whitespace collapsed, then pieces and the end token </s>. No start token:
     SigLIP pools the context's last position (models.TextConfig.pool "last"), not the first. pad_id is
     one past the vocabulary (SigLIP's own padding, </s> to the full context, is the text tower's fill)."""
 
@@ -729,7 +731,7 @@ class SiglipTokenizer:
     def clean(text: str) -> str:
         import re
         import string
-        text = text.translate(str.maketrans("", "", string.punctuation))
+        text = text.lower().translate(str.maketrans("", "", string.punctuation))
         return re.sub(r"\s+", " ", text).strip()
 
     def encode(self, text: str) -> list[int]:

@@ -160,7 +160,9 @@ def _attention_consts(attn: M.Attention) -> dict[str, torch.Tensor] | None:
 def _attention_fused(attn: M.Attention, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
     """models.Attention.forward with the attention as exmask::mha, reading the constants that
     ort_fused put on `attn` as buffers named ort_*."""
-    if row:   # the pooling row is for training and exmask; the exported forward() never asks for it
+    if row is not False or (keep is not None and keep.dim() == 3):
+        # the pooling row is for training and exmask (the exported forward() never asks for it); a
+        # causal text tower's (B, N, N) mask is no key padding mask: plain attention, standard ops
         return type(attn).forward(attn, x, keep, row)
     B, N, D = x.shape
     mha = _mha_op()
@@ -175,7 +177,7 @@ def _attention_fused(attn: M.Attention, x: torch.Tensor, keep: torch.Tensor | No
 
 def _mlp_2d(mlp: M.Mlp, x: torch.Tensor) -> torch.Tensor:
     """models.Mlp.forward on (tokens, D) rows: ONNX Gemms with the bias inside, not MatMul + Add."""
-    h = F.gelu(mlp.fc1_ssf(mlp.fc1(x.reshape(-1, x.shape[-1]))))
+    h = M.activation(mlp.fc1_ssf(mlp.fc1(x.reshape(-1, x.shape[-1]))), mlp.act)
     return mlp.fc2_ssf(mlp.fc2(h)).view(*x.shape[:-1], -1)
 
 
