@@ -95,29 +95,40 @@ _MASKED = float(torch.finfo(torch.float32).min)   # added to the scores of padde
 
 
 def _mha_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
-               heads: int) -> torch.Tensor:
-    """q (B, N, D), k (B, M, D), v (B, M, Dv), keep (B, M) int32 key mask (1 = attend) or None ->
-    (B, N, Dv): multi-head attention with scale 1/sqrt(D / heads), heads split as models.Attention does."""
+               heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, N, D), k (B, M, D), v (B, M, Dv), keep (B, M) int32 key mask (1 = attend) or None, bias
+    (B, 1, N, M) float added to the scores (a causal text tower's mask) or None -> (B, N, Dv): multi-head
+    attention with scale 1/sqrt(D / heads), heads split as models.Attention does."""
     B, N, _ = q.shape
     split = lambda t: t.reshape(B, t.shape[1], heads, -1).transpose(1, 2)   # (B, H, *, Dh)
-    mask = None if keep is None else keep.bool()[:, None, None, :]
+    mask = bias if keep is None else keep.bool()[:, None, None, :]
     y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
     return y.transpose(1, 2).reshape(B, N, v.shape[-1])
 
 
-def _mha_op():
-    """torch.ops.exmask.mha, defined on first use (once per process, even if this file is loaded twice)."""
+def _mha_bias_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    return _mha_eager(q, k, v, None, heads, bias)
+
+
+def _mha_op(biased: bool = False):
+    """torch.ops.exmask.mha (a key mask) or, biased, torch.ops.exmask.mha_bias (scores + bias),
+    defined on first use (once per process, even if this file is loaded twice)."""
     if not hasattr(torch.ops.exmask, "mha"):
+        fake = lambda q, k, v, m, heads: q.new_empty(q.shape[0], q.shape[1], v.shape[2])
         op = torch.library.custom_op("exmask::mha", _mha_eager, mutates_args=(),
                                      schema="(Tensor q, Tensor k, Tensor v, Tensor? keep, int heads) -> Tensor")
-        op.register_fake(lambda q, k, v, keep, heads: q.new_empty(q.shape[0], q.shape[1], v.shape[2]))
-    return torch.ops.exmask.mha.default
+        op.register_fake(fake)
+        op = torch.library.custom_op("exmask::mha_bias", _mha_bias_eager, mutates_args=(),
+                                     schema="(Tensor q, Tensor k, Tensor v, Tensor bias, int heads) -> Tensor")
+        op.register_fake(fake)
+    return torch.ops.exmask.mha_bias.default if biased else torch.ops.exmask.mha.default
 
 
-def _mha_onnx() -> Callable:
-    """exmask::mha -> com.microsoft.MultiHeadAttention(query, key, value, bias=None, key_padding_mask).
-    onnx has no schema for ORT's contrib ops, so the part of it used here is declared (inputs 0-4 of
-    10, output 0 of 4)."""
+def _mha_onnx(biased: bool = False) -> Callable:
+    """exmask::mha -> com.microsoft.MultiHeadAttention(query, key, value, bias=None, key_padding_mask);
+    exmask::mha_bias -> the same with attention_bias (input 5) in place of the key mask. onnx has no
+    schema for ORT's contrib ops, so the part of it used here is declared (inputs 0-5 of 10, output 0
+    of 4)."""
     import onnx
     import onnxscript
     S = onnx.defs.OpSchema
@@ -125,7 +136,7 @@ def _mha_onnx() -> Callable:
         name, typ, param_option=S.FormalParameterOption.Optional if optional else S.FormalParameterOption.Single)
     schema = S("MultiHeadAttention", MS_DOMAIN, 1,
                inputs=[arg("query", "T"), arg("key", "T", True), arg("value", "T", True), arg("bias", "T", True),
-                       arg("key_padding_mask", "M", True)],
+                       arg("key_padding_mask", "M", True), arg("attention_bias", "T", True)],
                outputs=[arg("output", "T")],
                type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
                attributes=[S.Attribute("num_heads", S.AttrType.INT, "", required=True),
@@ -135,7 +146,10 @@ def _mha_onnx() -> Callable:
 
     def translate(q, k, v, keep, heads: int):
         return mha(q, k, v, None, keep, num_heads=heads, mask_filter_value=_MASKED)
-    return translate
+
+    def translate_biased(q, k, v, bias, heads: int):
+        return mha(q, k, v, None, None, bias, num_heads=heads)
+    return translate_biased if biased else translate
 
 
 @torch.no_grad()
@@ -160,16 +174,18 @@ def _attention_consts(attn: M.Attention) -> dict[str, torch.Tensor] | None:
 def _attention_fused(attn: M.Attention, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
     """models.Attention.forward with the attention as exmask::mha, reading the constants that
     ort_fused put on `attn` as buffers named ort_*."""
-    if row is not False or (keep is not None and keep.dim() == 3):
-        # the pooling row is for training and exmask (the exported forward() never asks for it); a
-        # causal text tower's (B, N, N) mask is no key padding mask: plain attention, standard ops
+    if row is not False:   # the pooling row is for training and exmask; the exported forward() never asks for it
         return type(attn).forward(attn, x, keep, row)
     B, N, D = x.shape
     mha = _mha_op()
     x2 = x.reshape(B * N, D)
     q, k, v = (F.linear(x2, getattr(attn, f"ort_{n}_weight"), getattr(attn, f"ort_{n}_bias")).view(B, N, D)
                for n in "qkv")
-    y = mha(q, k, v, None if keep is None else keep.to(torch.int32), attn.heads)
+    if keep is not None and keep.dim() == 3:   # a causal text tower's (B, N, N) mask, as scores' bias
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, _MASKED)[:, None]
+        y = _mha_op(biased=True)(q, k, v, bias, attn.heads)                     # (B, N, D)
+    else:
+        y = mha(q, k, v, None if keep is None else keep.to(torch.int32), attn.heads)
     if attn.prompt is not None:
         y = y + mha(q, attn.ort_prompt_k.expand(B, -1, -1), attn.ort_prompt_v.expand(B, -1, -1), None, attn.heads)
     return attn.proj_ssf(attn.proj(y.reshape(B * N, D))).view(B, N, D), None
@@ -242,7 +258,8 @@ def export_onnx(model: M.TwoTower, path: str, dynamo: bool = True, fused: bool =
                     prog = torch.onnx.export(
                         model, args, dynamo=True, external_data=False, verbose=False, **names,
                         dynamic_shapes={"images": {0: batch}, "ids": {0: batch, 1: length}},
-                        custom_translation_table={_mha_op(): _mha_onnx()} if fused else None)
+                        custom_translation_table={_mha_op(): _mha_onnx(), _mha_op(True): _mha_onnx(True)}
+                        if fused else None)
                 # per-node stack traces name local source paths and are ~20 % of the file: drop them
                 for node in prog.model.graph.all_nodes():
                     node.metadata_props.clear()

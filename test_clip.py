@@ -9,11 +9,10 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import replace
 
+import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data as D
 import exmask
@@ -23,7 +22,8 @@ import towers
 
 torch.set_num_threads(2)
 TOL = 1e-5
-WORDS = ("a photo of the cat dog on grass sky snow in with red small big picture").split()
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "on", "grass", "sky", "snow", "in", "with", "red", "small", "big",
+         "picture"]
 CAPTIONS = ["a photo of a cat on the grass", "A DOG in the snow!", "red", "the small cat, with a big dog: in the sky?",
             "picture of grass " * 9]
 
@@ -79,16 +79,16 @@ def write_hf(kind: str, folder: str) -> torch.nn.Module:
     with save_pretrained, its tokenizer files beside it; returns the reference model (eval)."""
     transformers = pytest.importorskip("transformers")
     os.makedirs(folder, exist_ok=True)
-    blocks = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    vision = dict(blocks, image_size=32, patch_size=8)
+    blocks = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    vision = blocks | {"image_size": 32, "patch_size": 8}
     if kind == "clip":
         vocab = tiny_clip_vocab(folder)
-        text = dict(blocks, vocab_size=len(vocab), max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
-                    eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+        text = blocks | {"vocab_size": len(vocab), "max_position_embeddings": 16, "bos_token_id": vocab["<|startoftext|>"],
+                         "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
         torch.manual_seed(0)
         ref = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
     else:
-        text = dict(blocks, vocab_size=tiny_spiece(folder), max_position_embeddings=16, pad_token_id=1)
+        text = blocks | {"vocab_size": tiny_spiece(folder), "max_position_embeddings": 16, "pad_token_id": 1}
         torch.manual_seed(0)
         ref = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
     shake(ref)
@@ -228,8 +228,8 @@ def tiny_text(**kw) -> M.TextTransformer:
     return M.TextTransformer(cfg).eval()
 
 
-@pytest.mark.parametrize("kw", [dict(causal=True, pool="eos", act="quick_gelu"),
-                                dict(pool="last", fill_id=1, proj_bias=True, act="gelu_tanh")],
+@pytest.mark.parametrize("kw", [{"causal": True, "pool": "eos", "act": "quick_gelu"},
+                                {"pool": "last", "fill_id": 1, "proj_bias": True, "act": "gelu_tanh"}],
                          ids=["clip", "siglip"])
 def test_kept_tokens_at_their_positions_equal_the_full_caption_and_padding_is_inert(kw):
     """CLIP- and SigLIP-style text towers: the whole caption packed as exmask replays it (pack_tokens)
@@ -316,7 +316,7 @@ def test_train_with_clip_runs_exmask_with_the_context_term(kind, tmp_path, monke
 def test_export_parity_on_clip_towers(kind, tmp_path):
     """The incremental classifier on CLIP / SigLIP towers (trained SSF merged, a grown head) exports to
     ONNX; ORT's logits equal PyTorch's at batch sizes and caption lengths other than the traced ones,
-    with the fused attention and with standard ops only."""
+    with the fused attention (CLIP's causal mask as its attention_bias) and with standard ops only."""
     folder = str(tmp_path / kind)
     write_hf(kind, folder)
     vcfg, tcfg, state, _ = towers.clip_tower(folder)
@@ -327,6 +327,9 @@ def test_export_parity_on_clip_towers(kind, tmp_path):
     for fused in (True, False):
         path = str(tmp_path / f"{kind}-{fused}.onnx")
         E.export_onnx(model, path, fused=fused)
+        mha = [n for n in onnx.load(path).graph.node if n.op_type == "MultiHeadAttention"]
+        biased = [n for n in mha if len(n.input) > 5 and n.input[5]]      # CLIP's causal mask as attention_bias
+        assert (len(mha), len(biased)) == ((vcfg.depth + tcfg.depth, tcfg.depth * tcfg.causal) if fused else (0, 0))
         sess = E.session(path, providers=["CPUExecutionProvider"])
         for B, L in ((3, 5), (1, 16), (2, 1)):
             r = E.compare(model, sess, *E.example_inputs(model, B, L, seed=B))
