@@ -6,16 +6,18 @@
     python export.py DIR --manifest FILE --check           # ORT vs PyTorch on those rows
 
 DIR is one method's folder written by train.py (`<out>/<method>/`): model.pt (config, full state
-with adapters unmerged, class names), tokenizer.model and labels.json. The export folds the SSF
+with adapters unmerged, class names), the tokenizer (tokenizer.model, or vocab.txt, bpe.json,
+spiece.model: data.TOKENIZER_FILES) and labels.json. The export folds the SSF
 adapters into the frozen weights (prompt adapters stay; they are plain weights), traces
 TwoTower.forward (images (B, 3, S, S) float 0..255, ids (B, L) int64 -> logits (B, C)) with a
 dynamic batch axis and a dynamic caption length L <= context, and writes one self-contained file
 (no external-data side file) beside the tokenizer and the label names. Image size, context, pad id
-and modalities go into the file's metadata, so serving needs model.onnx, tokenizer.model and
+and modalities go into the file's metadata, so serving needs model.onnx, the tokenizer and
 labels.json only, never the training code.
 
 The graph is for ONNX Runtime: each attention is its fused contrib op com.microsoft.MultiHeadAttention
-(CPU and CUDA kernels; the caption pad mask is its key_padding_mask), which other ONNX runtimes do
+(CPU and CUDA kernels; the caption pad mask is its key_padding_mask, a causal text tower's mask, as
+CLIP's, its attention_bias), which other ONNX runtimes do
 not have. `--exporter portable` writes the same model with standard ONNX ops only (attention as
 MatMul / Softmax / MatMul), slower on ONNX Runtime's CPU provider.
 
@@ -85,7 +87,8 @@ def _meta(model: M.TwoTower) -> dict[str, str]:
 # How: during the export only (ort_fused), every models.Attention computes q, k and v with three 2-D
 # Gemms (bias inside, no Split) and calls the custom op exmask::mha, whose eager kernel is SDPA and
 # whose ONNX translation is that contrib op: the image tower with no mask, the text tower with the pad
-# mask (ids != pad id) as key_padding_mask, and prompt adapters as a second MultiHeadAttention over the
+# mask (ids != pad id) as key_padding_mask (a causal text tower: its (B, N, N) mask as attention_bias,
+# exmask::mha_bias), and prompt adapters as a second MultiHeadAttention over the
 # prompts' keys and values. Every models.Mlp runs its Linear layers as 2-D Gemms (ORT's CPU provider
 # leaves a 3-D MatMul + Add unfused). The arithmetic is the model's own; models.py is not touched and
 # the model is restored after the export. (The SigLIP pooling probe, AttentionPool, keeps plain attention.)
