@@ -4,7 +4,9 @@ two-tower classifier whose head grows by the new classes of each phase.
 The image tower keeps the state-dict layout of timm's VisionTransformer (`cls_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.i.attn.qkv`, ...), so timm checkpoints load as a plain copy. The text
 tower is one Block with a pre-norm flag: pre-norm for CLIP-like towers (the default), post-norm for
-BERT-family checkpoints (BERT, MiniLM), loaded by `load_bert`.
+BERT-family checkpoints (BERT, MiniLM), loaded by `load_bert`. Both towers of a CLIP or SigLIP model
+load by `load_clip_hf` (Hugging Face) or `load_clip_openai` (OpenAI / open_clip), with the few config
+fields those models need (a causal text tower, end-of-text or last-position pooling, quick-GELU, ...).
 
 Every forward works on token subsets: the image tower takes patches plus their patch indices, the
 text tower takes token ids plus their positions, so masked exemplars replay at their original
@@ -329,6 +331,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, use_ssf: bool, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
         self.act = act
         self.fc1 = nn.Linear(dim, hidden)
         self.fc1_ssf = ssf(hidden, use_ssf)
@@ -476,6 +480,8 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg: TextConfig, adapter: str = "none", prompt_len: int = 0):
         super().__init__()
+        if cfg.pool not in ("cls", "eos", "last"):
+            raise ValueError(f"text pool must be cls, eos or last, got {cfg.pool!r}")
         self.cfg = cfg
         D, use_ssf = cfg.dim, adapter == "ssf"
         P = prompt_len if adapter == "prompt" else 0

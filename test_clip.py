@@ -269,6 +269,13 @@ def test_causal_eos_pooling_and_its_attention_row():
     assert (row[0, 4:] == 0).all() and (row[0, :4] > 0).all() and tok.shape == (1, 6, 24)
 
 
+def test_unknown_pooling_or_activation_is_refused():
+    with pytest.raises(ValueError, match="text pool"):
+        tiny_text(pool="mean")
+    with pytest.raises(ValueError, match="activation"):
+        tiny_text(act="relu")
+
+
 def test_siglip_map_head_token_features_are_the_pool_with_one_token():
     """The MAP head's per-token features (the context term's image tokens for SigLIP) are the pooled
     output of the probe looking at that token alone."""
