@@ -524,7 +524,7 @@ class TextTransformer(nn.Module):
         mask = keep
         if c.causal:   # by position, not order (replayed tokens may come in any order); each token sees itself
             n = x.shape[1]
-            mask = (keep[:, None, :] & (pos[:, None, :] <= pos[:, :, None])) | torch.eye(n, dtype=torch.bool, device=x.device)
+            mask = (keep[:, None, :] & (pos[:, None, :] <= pos[:, :, None])) | torch.eye(n, dtype=torch.bool, device=x.device)  # (B, N, N): query, key
         # the pooled token: 0, or the last kept one in the sequence (the end of text; SigLIP's last fill token)
         at = None if c.pool == "cls" else (keep * torch.arange(1, x.shape[1] + 1, device=x.device)).argmax(1)   # (B,)
         last = len(self.blocks) - 1
