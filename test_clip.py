@@ -366,3 +366,18 @@ def test_clip_option_errors(tmp_path):
     os.remove(os.path.join(folder, "merges.txt"))
     with pytest.raises(SystemExit, match="no tokenizer"):
         towers.clip_tower(folder)
+
+
+def test_towers_cached_before_the_clip_fields_keep_their_cache_key():
+    """The fields CLIP and SigLIP added are left out of the default towers' cache key at their
+    defaults (the key is what it was before them), and count once they differ."""
+    from dataclasses import asdict, replace
+
+    import towers
+    from train import Config
+    c = Config().model
+    assert towers.key_fields(c.vit) == {k: v for k, v in asdict(c.vit).items() if k not in ("norm_pre", "act")}
+    assert "pool" in towers.key_fields(c.vit)                       # the ViT's own pool predates them
+    assert towers.key_fields(replace(c.text, causal=True))["causal"] is True
+    assert towers.key_fields(replace(c.vit, act="quick_gelu"))["act"] == "quick_gelu"
+    assert "vocab_size" not in towers.key_fields(c.text, skip=("vocab_size",))

@@ -99,11 +99,21 @@ def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tup
     return model.backbone_state(), tok
 
 
+# config fields added after caches were first written (for CLIP and SigLIP towers): left out of the
+# cache key while they hold their defaults, so that towers cached before them stay valid
+LATER_FIELDS = {"ViTConfig": {"norm_pre", "act"}, "TextConfig": {"act", "causal", "pool", "fill_id", "proj_bias"}}
+
+
+def key_fields(cfg, skip: tuple = ()) -> dict:
+    """A tower config's fields for the cache key: all but `skip`, and LATER_FIELDS at their defaults."""
+    later, default = LATER_FIELDS[type(cfg).__name__], type(cfg)()
+    return {k: v for k, v in asdict(cfg).items() if k not in skip and not (k in later and v == getattr(default, k))}
+
+
 def default_backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object]:
     """The default towers: pretrained once per (model config, pretraining config), then cached."""
     cache = D.cache_root(cfg.cache_dir)
-    key = fingerprint({"vit": asdict(cfg.model.vit), "text": {k: v for k, v in asdict(cfg.model.text).items()
-                                                              if k != "vocab_size"},
+    key = fingerprint({"vit": key_fields(cfg.model.vit), "text": key_fields(cfg.model.text, skip=("vocab_size",)),
                        "pretrain": asdict(cfg.pretrain), "synth": "v5"})
     path = os.path.join(cache, f"backbone-{key}.pt")
     ck = None
