@@ -6,16 +6,18 @@
     python export.py DIR --manifest FILE --check           # ORT vs PyTorch on those rows
 
 DIR is one method's folder written by train.py (`<out>/<method>/`): model.pt (config, full state
-with adapters unmerged, class names), tokenizer.model and labels.json. The export folds the SSF
+with adapters unmerged, class names), the tokenizer (tokenizer.model, or vocab.txt, bpe.json,
+spiece.model: data.TOKENIZER_FILES) and labels.json. The export folds the SSF
 adapters into the frozen weights (prompt adapters stay; they are plain weights), traces
 TwoTower.forward (images (B, 3, S, S) float 0..255, ids (B, L) int64 -> logits (B, C)) with a
 dynamic batch axis and a dynamic caption length L <= context, and writes one self-contained file
 (no external-data side file) beside the tokenizer and the label names. Image size, context, pad id
-and modalities go into the file's metadata, so serving needs model.onnx, tokenizer.model and
+and modalities go into the file's metadata, so serving needs model.onnx, the tokenizer and
 labels.json only, never the training code.
 
 The graph is for ONNX Runtime: each attention is its fused contrib op com.microsoft.MultiHeadAttention
-(CPU and CUDA kernels; the caption pad mask is its key_padding_mask), which other ONNX runtimes do
+(CPU and CUDA kernels; the caption pad mask is its key_padding_mask, a causal text tower's mask, as
+CLIP's, its attention_bias), which other ONNX runtimes do
 not have. `--exporter portable` writes the same model with standard ONNX ops only (attention as
 MatMul / Softmax / MatMul), slower on ONNX Runtime's CPU provider.
 
@@ -85,7 +87,8 @@ def _meta(model: M.TwoTower) -> dict[str, str]:
 # How: during the export only (ort_fused), every models.Attention computes q, k and v with three 2-D
 # Gemms (bias inside, no Split) and calls the custom op exmask::mha, whose eager kernel is SDPA and
 # whose ONNX translation is that contrib op: the image tower with no mask, the text tower with the pad
-# mask (ids != pad id) as key_padding_mask, and prompt adapters as a second MultiHeadAttention over the
+# mask (ids != pad id) as key_padding_mask (a causal text tower: its (B, N, N) mask as attention_bias,
+# exmask::mha_bias), and prompt adapters as a second MultiHeadAttention over the
 # prompts' keys and values. Every models.Mlp runs its Linear layers as 2-D Gemms (ORT's CPU provider
 # leaves a 3-D MatMul + Add unfused). The arithmetic is the model's own; models.py is not touched and
 # the model is restored after the export. (The SigLIP pooling probe, AttentionPool, keeps plain attention.)
@@ -95,29 +98,40 @@ _MASKED = float(torch.finfo(torch.float32).min)   # added to the scores of padde
 
 
 def _mha_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
-               heads: int) -> torch.Tensor:
-    """q (B, N, D), k (B, M, D), v (B, M, Dv), keep (B, M) int32 key mask (1 = attend) or None ->
-    (B, N, Dv): multi-head attention with scale 1/sqrt(D / heads), heads split as models.Attention does."""
+               heads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, N, D), k (B, M, D), v (B, M, Dv), keep (B, M) int32 key mask (1 = attend) or None, bias
+    (B, 1, N, M) float added to the scores (a causal text tower's mask) or None -> (B, N, Dv): multi-head
+    attention with scale 1/sqrt(D / heads), heads split as models.Attention does."""
     B, N, _ = q.shape
     split = lambda t: t.reshape(B, t.shape[1], heads, -1).transpose(1, 2)   # (B, H, *, Dh)
-    mask = None if keep is None else keep.bool()[:, None, None, :]
+    mask = bias if keep is None else keep.bool()[:, None, None, :]
     y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
     return y.transpose(1, 2).reshape(B, N, v.shape[-1])
 
 
-def _mha_op():
-    """torch.ops.exmask.mha, defined on first use (once per process, even if this file is loaded twice)."""
+def _mha_bias_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+    return _mha_eager(q, k, v, None, heads, bias)
+
+
+def _mha_op(biased: bool = False):
+    """torch.ops.exmask.mha (a key mask) or, biased, torch.ops.exmask.mha_bias (scores + bias),
+    defined on first use (once per process, even if this file is loaded twice)."""
     if not hasattr(torch.ops.exmask, "mha"):
+        fake = lambda q, k, v, m, heads: q.new_empty(q.shape[0], q.shape[1], v.shape[2])
         op = torch.library.custom_op("exmask::mha", _mha_eager, mutates_args=(),
                                      schema="(Tensor q, Tensor k, Tensor v, Tensor? keep, int heads) -> Tensor")
-        op.register_fake(lambda q, k, v, keep, heads: q.new_empty(q.shape[0], q.shape[1], v.shape[2]))
-    return torch.ops.exmask.mha.default
+        op.register_fake(fake)
+        op = torch.library.custom_op("exmask::mha_bias", _mha_bias_eager, mutates_args=(),
+                                     schema="(Tensor q, Tensor k, Tensor v, Tensor bias, int heads) -> Tensor")
+        op.register_fake(fake)
+    return torch.ops.exmask.mha_bias.default if biased else torch.ops.exmask.mha.default
 
 
-def _mha_onnx() -> Callable:
-    """exmask::mha -> com.microsoft.MultiHeadAttention(query, key, value, bias=None, key_padding_mask).
-    onnx has no schema for ORT's contrib ops, so the part of it used here is declared (inputs 0-4 of
-    10, output 0 of 4)."""
+def _mha_onnx(biased: bool = False) -> Callable:
+    """exmask::mha -> com.microsoft.MultiHeadAttention(query, key, value, bias=None, key_padding_mask);
+    exmask::mha_bias -> the same with attention_bias (input 5) in place of the key mask. onnx has no
+    schema for ORT's contrib ops, so the part of it used here is declared (inputs 0-5 of 10, output 0
+    of 4)."""
     import onnx
     import onnxscript
     S = onnx.defs.OpSchema
@@ -125,7 +139,7 @@ def _mha_onnx() -> Callable:
         name, typ, param_option=S.FormalParameterOption.Optional if optional else S.FormalParameterOption.Single)
     schema = S("MultiHeadAttention", MS_DOMAIN, 1,
                inputs=[arg("query", "T"), arg("key", "T", True), arg("value", "T", True), arg("bias", "T", True),
-                       arg("key_padding_mask", "M", True)],
+                       arg("key_padding_mask", "M", True), arg("attention_bias", "T", True)],
                outputs=[arg("output", "T")],
                type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
                attributes=[S.Attribute("num_heads", S.AttrType.INT, "", required=True),
@@ -135,7 +149,10 @@ def _mha_onnx() -> Callable:
 
     def translate(q, k, v, keep, heads: int):
         return mha(q, k, v, None, keep, num_heads=heads, mask_filter_value=_MASKED)
-    return translate
+
+    def translate_biased(q, k, v, bias, heads: int):
+        return mha(q, k, v, None, None, bias, num_heads=heads)
+    return translate_biased if biased else translate
 
 
 @torch.no_grad()
@@ -160,14 +177,18 @@ def _attention_consts(attn: M.Attention) -> dict[str, torch.Tensor] | None:
 def _attention_fused(attn: M.Attention, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
     """models.Attention.forward with the attention as exmask::mha, reading the constants that
     ort_fused put on `attn` as buffers named ort_*."""
-    if row:   # the pooling row is for training and exmask; the exported forward() never asks for it
+    if row is not False:   # the pooling row is for training and exmask; the exported forward() never asks for it
         return type(attn).forward(attn, x, keep, row)
     B, N, D = x.shape
     mha = _mha_op()
     x2 = x.reshape(B * N, D)
     q, k, v = (F.linear(x2, getattr(attn, f"ort_{n}_weight"), getattr(attn, f"ort_{n}_bias")).view(B, N, D)
                for n in "qkv")
-    y = mha(q, k, v, None if keep is None else keep.to(torch.int32), attn.heads)
+    if keep is not None and keep.dim() == 3:   # a causal text tower's (B, N, N) mask, as scores' bias
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, _MASKED)[:, None]
+        y = _mha_op(biased=True)(q, k, v, bias, attn.heads)                     # (B, N, D)
+    else:
+        y = mha(q, k, v, None if keep is None else keep.to(torch.int32), attn.heads)
     if attn.prompt is not None:
         y = y + mha(q, attn.ort_prompt_k.expand(B, -1, -1), attn.ort_prompt_v.expand(B, -1, -1), None, attn.heads)
     return attn.proj_ssf(attn.proj(y.reshape(B * N, D))).view(B, N, D), None
@@ -175,7 +196,7 @@ def _attention_fused(attn: M.Attention, x: torch.Tensor, keep: torch.Tensor | No
 
 def _mlp_2d(mlp: M.Mlp, x: torch.Tensor) -> torch.Tensor:
     """models.Mlp.forward on (tokens, D) rows: ONNX Gemms with the bias inside, not MatMul + Add."""
-    h = F.gelu(mlp.fc1_ssf(mlp.fc1(x.reshape(-1, x.shape[-1]))))
+    h = M.activation(mlp.fc1_ssf(mlp.fc1(x.reshape(-1, x.shape[-1]))), mlp.act)
     return mlp.fc2_ssf(mlp.fc2(h)).view(*x.shape[:-1], -1)
 
 
@@ -240,7 +261,8 @@ def export_onnx(model: M.TwoTower, path: str, dynamo: bool = True, fused: bool =
                     prog = torch.onnx.export(
                         model, args, dynamo=True, external_data=False, verbose=False, **names,
                         dynamic_shapes={"images": {0: batch}, "ids": {0: batch, 1: length}},
-                        custom_translation_table={_mha_op(): _mha_onnx()} if fused else None)
+                        custom_translation_table={_mha_op(): _mha_onnx(), _mha_op(True): _mha_onnx(True)}
+                        if fused else None)
                 # per-node stack traces name local source paths and are ~20 % of the file: drop them
                 for node in prog.model.graph.all_nodes():
                     node.metadata_props.clear()

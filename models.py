@@ -4,7 +4,9 @@ two-tower classifier whose head grows by the new classes of each phase.
 The image tower keeps the state-dict layout of timm's VisionTransformer (`cls_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.i.attn.qkv`, ...), so timm checkpoints load as a plain copy. The text
 tower is one Block with a pre-norm flag: pre-norm for CLIP-like towers (the default), post-norm for
-BERT-family checkpoints (BERT, MiniLM), loaded by `load_bert`.
+BERT-family checkpoints (BERT, MiniLM), loaded by `load_bert`. Both towers of a CLIP or SigLIP model
+load by `load_clip_hf` (Hugging Face) or `load_clip_openai` (OpenAI / open_clip), with the few config
+fields those models need (a causal text tower, end-of-text or last-position pooling, quick-GELU, ...).
 
 Every forward works on token subsets: the image tower takes patches plus their patch indices, the
 text tower takes token ids plus their positions, so masked exemplars replay at their original
@@ -35,6 +37,8 @@ class ViTConfig:
     pool: str = "cls"              # "cls" ([CLS] token) or "map" (SigLIP attention-pool probe)
     embed_dim: int = 64            # shared embedding size after `proj`; 0 = no projection
     ln_eps: float = 1e-6
+    norm_pre: bool = False         # a LayerNorm on the embedded tokens before the blocks (CLIP's ln_pre)
+    act: str = "gelu"              # the MLPs' activation: "gelu", "gelu_tanh" (SigLIP), "quick_gelu" (OpenAI CLIP)
     mean: tuple = (0.5, 0.5, 0.5)  # pixel normalisation, in 0..1 units
     std: tuple = (0.5, 0.5, 0.5)
 
@@ -59,6 +63,13 @@ class TextConfig:
     embed_dim: int = 64            # 0 = no projection
     pad_id: int = 0
     ln_eps: float = 1e-6
+    act: str = "gelu"              # as ViTConfig.act
+    causal: bool = False           # a token sees only the tokens at its position or before (CLIP)
+    pool: str = "cls"              # which token's output is the caption's embedding: "cls" position 0 (BOS /
+                                   # [CLS]); "eos" the last token (CLIP's end of text); "last" the context's last
+                                   # position, every position after the caption holding fill_id (SigLIP)
+    fill_id: int = 0               # pool "last": the token that fills the context after the caption
+    proj_bias: bool = False        # the projection has a bias (SigLIP's text head)
 
 
 @dataclass
@@ -106,6 +117,16 @@ def all_patches(x: torch.Tensor) -> torch.Tensor:
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, N, D), idx (B, K) -> (B, K, D). The gather expands, never repeats."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The MLP activation `name`: exact GELU, its tanh approximation, or OpenAI CLIP's x * sigmoid(1.702 x)."""
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -279,16 +300,17 @@ class Attention(nn.Module):
         B, N, D = t.shape
         return t.view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, H, N, Dh)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
-        """x (B, N, D); keep (B, N) bool key mask or None. row=True also returns the attention of
-        query 0 (the pooling token) over all N keys, mean over heads: (B, N)."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool | torch.Tensor = False):
+        """x (B, N, D); keep None, a (B, N) bool key mask, or a (B, N, N) bool mask of the keys (last
+        axis) each query may see (causal text). row also returns the pooling query's attention over
+        the N keys, mean over heads, (B, N): row=True for query 0, or (B,) each sample's query."""
         B, N, D = x.shape
         H = self.heads
         # split on the 3 axis, then (B, H, N, Dh) views: the backward stacks dq, dk, dv straight into
         # qkv's (B, N, 3, H, Dh) layout, one copy (permute(2, 0, 3, 1, 4).unbind(0) takes a second)
         qkv = with_ssf(self.qkv, self.qkv_ssf, x).view(B, N, 3, H, D // H)  # (B, N, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                # (B, H, N, Dh) each
-        mask = None if keep is None else keep[:, None, None, :]              # (B, 1, 1, N)
+        mask = None if keep is None else keep[:, None, None, :] if keep.dim() == 2 else keep[:, None]  # (B, 1, 1|N, N)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # (B, H, N, Dh)
         if self.prompt is not None:
             pk, pv = self.qkv(self.prompt)[:, D:].view(-1, 2, D).unbind(1)   # (P, D) each
@@ -296,31 +318,36 @@ class Attention(nn.Module):
             pv = self._heads(pv.expand(B, -1, -1))
             y = y + torch.tanh(self.prompt_gate).view(1, -1, 1, 1) * F.scaled_dot_product_attention(q, pk, pv)
         y = with_ssf(self.proj, self.proj_ssf, y.transpose(1, 2).reshape(B, N, D))
-        if not row:
+        if row is False:
             return y, None
-        a = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)  # (B, H, 1, N)
+        i = torch.zeros(B, 1, 1, 1, dtype=torch.long, device=x.device) if row is True else row.view(B, 1, 1, 1)
+        qi = q.gather(2, i.expand(-1, H, -1, D // H))                        # (B, H, 1, Dh)
+        a = (qi @ k.transpose(-1, -2)) / math.sqrt(D // self.heads)          # (B, H, 1, N)
         if mask is not None:
-            a = a.masked_fill(~mask, float("-inf"))
+            a = a.masked_fill(~(mask if mask.shape[2] == 1 else mask.gather(2, i.expand(-1, -1, -1, N))), float("-inf"))
         return y, a.softmax(-1).mean(1)[:, 0]                                 # (B, N)
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, use_ssf: bool):
+    def __init__(self, dim: int, hidden: int, use_ssf: bool, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+        self.act = act
         self.fc1 = nn.Linear(dim, hidden)
         self.fc1_ssf = ssf(hidden, use_ssf)
         self.fc2 = nn.Linear(hidden, dim)
         self.fc2_ssf = ssf(dim, use_ssf)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return with_ssf(self.fc2, self.fc2_ssf, F.gelu(with_ssf(self.fc1, self.fc1_ssf, x)))
+        return with_ssf(self.fc2, self.fc2_ssf, activation(with_ssf(self.fc1, self.fc1_ssf, x), self.act))
 
 
 class Block(nn.Module):
     """One transformer block; pre_norm=False gives BERT's post-norm block."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float, pre_norm: bool = True,
-                 use_ssf: bool = False, prompt_len: int = 0):
+                 use_ssf: bool = False, prompt_len: int = 0, act: str = "gelu"):
         super().__init__()
         self.pre_norm = pre_norm
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -328,9 +355,9 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, use_ssf, prompt_len)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.norm2_ssf = ssf(dim, use_ssf)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), use_ssf)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), use_ssf, act)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool = False):
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, row: bool | torch.Tensor = False):
         if self.pre_norm:
             y, a = self.attn(with_ssf(self.norm1, self.norm1_ssf, x), keep, row)
             x = x + y
@@ -345,7 +372,7 @@ class Block(nn.Module):
 class AttentionPool(nn.Module):
     """SigLIP's attention-pool probe (timm `AttentionPoolLatent` layout, one latent)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float, act: str = "gelu"):
         super().__init__()
         self.heads = heads
         self.latent = nn.Parameter(torch.zeros(1, 1, dim))
@@ -353,7 +380,7 @@ class AttentionPool(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), False)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), False, act)
 
     def forward(self, x: torch.Tensor):
         """x (B, N, D) -> pooled (B, D) and the probe's attention row (B, N), mean over heads."""
@@ -366,6 +393,14 @@ class AttentionPool(nn.Module):
         y = y + self.mlp(self.norm(y))
         a = ((q @ k.transpose(-1, -2)) / math.sqrt(D // H)).softmax(-1).mean(1)[:, 0]  # (B, N)
         return y[:, 0], a
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D): each token through the pool as if the probe attended to it alone,
+        the per-token analogue of the pooled output, in its space (what a CLS tower's projection of
+        every token is): the token features that the text mask's context term compares."""
+        D = x.shape[-1]
+        y = self.proj(self.kv(x)[..., D:])                                         # (B, N, D)
+        return y + self.mlp(self.norm(y))
 
 
 # ----------------------------------------------------------------------------- towers
@@ -385,12 +420,15 @@ class ViT(nn.Module):
         if self.prefix:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.n_patches + self.prefix, D) * 0.02)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, True, use_ssf, P)
+        if cfg.norm_pre:
+            self.norm_pre = nn.LayerNorm(D, eps=cfg.ln_eps)
+            self.norm_pre_ssf = ssf(D, use_ssf)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, True, use_ssf, P, cfg.act)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.norm_ssf = ssf(D, use_ssf)
         if cfg.pool == "map":
-            self.attn_pool = AttentionPool(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps)
+            self.attn_pool = AttentionPool(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, cfg.act)
         self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else nn.Identity()
         p2 = cfg.patch_size ** 2
         self.register_buffer("pix_mean", torch.tensor(cfg.mean).repeat_interleave(p2) * 255, persistent=False)
@@ -419,6 +457,8 @@ class ViT(nn.Module):
         if self.prefix:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], 1)                                            # (B, 1+K, D)
+        if self.cfg.norm_pre:
+            x = with_ssf(self.norm_pre, self.norm_pre_ssf, x)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             x, a = blk(x, row=aux and i == last and self.prefix == 1)
@@ -430,14 +470,18 @@ class ViT(nn.Module):
         emb = self.proj(pooled)
         if not aux:
             return emb
-        return emb, (a[:, self.prefix:], self.proj(x[:, self.prefix:]))
+        tokens = x[:, 1:] if self.prefix else self.attn_pool.tokens(x)             # (B, K, D)
+        return emb, (a[:, self.prefix:], self.proj(tokens))
 
 
 class TextTransformer(nn.Module):
-    """Text tower; pools at position 0 (BOS / [CLS]), which is always kept."""
+    """Text tower. Pools one token, cfg.pool: position 0 (BOS / [CLS], always kept), the last token
+    (CLIP's end of text, which data.encode_texts keeps last), or SigLIP's last context position."""
 
     def __init__(self, cfg: TextConfig, adapter: str = "none", prompt_len: int = 0):
         super().__init__()
+        if cfg.pool not in ("cls", "eos", "last"):
+            raise ValueError(f"text pool must be cls, eos or last, got {cfg.pool!r}")
         self.cfg = cfg
         D, use_ssf = cfg.dim, adapter == "ssf"
         P = prompt_len if adapter == "prompt" else 0
@@ -447,29 +491,51 @@ class TextTransformer(nn.Module):
             self.type_embed = nn.Parameter(torch.zeros(1, 1, D))
             self.emb_norm = nn.LayerNorm(D, eps=cfg.ln_eps)
             self.emb_norm_ssf = ssf(D, use_ssf)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, cfg.pre_norm, use_ssf, P)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, cfg.pre_norm, use_ssf, P, cfg.act)
                                     for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps) if cfg.pre_norm else nn.Identity()
         self.norm_ssf = ssf(D, use_ssf and cfg.pre_norm)
-        self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else nn.Identity()
+        self.proj = nn.Linear(D, cfg.embed_dim, bias=cfg.proj_bias) if cfg.embed_dim else nn.Identity()
+
+    def fill(self, x: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor):
+        """SigLIP reads every caption at the full context: after the caption's last token, fill_id
+        tokens to the end, attended like any other, and pools the last. Appends those tokens at the
+        positions after the last kept one (the rest masked): (B, L, D) -> (B, L + context, D)."""
+        B, C = x.shape[0], self.cfg.context
+        p = torch.arange(C, device=x.device)
+        last = torch.where(keep, pos, -1).amax(1, keepdim=True)                      # (B, 1)
+        fx = (self.tok_embed.weight[self.cfg.fill_id] + self.pos_embed[0]).expand(B, -1, -1)   # (B, C, D)
+        return torch.cat([x, fx], 1), torch.cat([keep, p > last], 1), torch.cat([pos, p.expand(B, -1)], 1)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, aux: bool = False):
         """ids (B, L) token ids, pad_id where empty; pos (B, L) their positions (default 0..L-1).
-        Returns emb (B, E) and, with aux, (attention row of token 0 over the L tokens (B, L), tokens (B, L, E))."""
-        keep = ids != self.cfg.pad_id                                             # (B, L)
+        Returns emb (B, E) and, with aux, (attention row of the pooled token over the L tokens (B, L),
+        tokens (B, L, E))."""
+        c = self.cfg
+        B, L = ids.shape
+        keep = ids != c.pad_id                                                    # (B, L)
         if pos is None:
-            pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        x = self.tok_embed(ids) + self.pos_embed[0][pos]         # (B, L, D)
-        if not self.cfg.pre_norm:
+            pos = torch.arange(L, device=ids.device).expand_as(ids)
+        x = self.tok_embed(ids) + self.pos_embed[0][pos]                          # (B, L, D)
+        if c.pool == "last":
+            x, keep, pos = self.fill(x, keep, pos)                                # (B, L + context, D)
+        if not c.pre_norm:
             x = with_ssf(self.emb_norm, self.emb_norm_ssf, x + self.type_embed)
+        mask = keep
+        if c.causal:   # by position, not order (replayed tokens may come in any order); each token sees itself
+            n = x.shape[1]
+            mask = (keep[:, None, :] & (pos[:, None, :] <= pos[:, :, None])) | torch.eye(n, dtype=torch.bool, device=x.device)  # (B, N, N): query, key
+        # the pooled token: 0, or the last kept one in the sequence (the end of text; SigLIP's last fill token)
+        at = None if c.pool == "cls" else (keep * torch.arange(1, x.shape[1] + 1, device=x.device)).argmax(1)   # (B,)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            x, a = blk(x, keep, row=aux and i == last)
+            x, a = blk(x, mask, row=aux and i == last and (True if at is None else at))
         x = with_ssf(self.norm, self.norm_ssf, x)
-        emb = self.proj(x[:, 0])
+        pooled = x[:, 0] if at is None else x.gather(1, at.view(B, 1, 1).expand(-1, -1, x.shape[-1]))[:, 0]
+        emb = self.proj(pooled)
         if not aux:
             return emb
-        return emb, (a, self.proj(x))
+        return emb, (a[:, :L], self.proj(x[:, :L]))
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -652,3 +718,212 @@ def load_bert(path: str) -> tuple[TextConfig, dict]:
                      mlp_ratio=c["intermediate_size"] / c["hidden_size"], pre_norm=False, embed_dim=0,
                      pad_id=c.get("pad_token_id", 0), ln_eps=c.get("layer_norm_eps", 1e-12))
     return cfg, bert_to_ours(read_safetensors(os.path.join(path, "model.safetensors")), cfg.depth)
+
+
+# ----------------------------------------------------------------------------- CLIP and SigLIP
+
+# Both towers of one contrastively trained model, so they share an embedding space. What each needs:
+#   CLIP   image: [CLS] pooling, a LayerNorm before the blocks (ln_pre), a projection; text: causal,
+#          pooled at the end-of-text token, a projection; quick-GELU in OpenAI's weights.
+#   SigLIP image: no [CLS], the attention-pool probe (MAP head), no projection; text: bidirectional,
+#          every caption read at the full context (</s> fills it) and pooled at the last position,
+#          a linear head with a bias; tanh-approximated GELU.
+# The text tower's pad token is one past the checkpoint's vocabulary (an embedding row of zeros,
+# always masked): CLIP's and SigLIP's own pad ids are real tokens (SigLIP pads with </s>).
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# the Hugging Face config fields that the weights' shapes do not give, with the classes' defaults
+# (config.json may leave a default out)
+HF_DEFAULTS = {
+    "clip": {"text": {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
+             "vision": {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}},
+    "siglip": {"text": {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+                        "pad_token_id": 1},
+               "vision": {"num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}},
+}
+
+
+def similarity(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor | float,
+               logit_bias: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Image-text logits (B_img, B_txt): exp(logit_scale) * cosine + logit_bias (CLIP's, and with a
+    bias SigLIP's; the default towers' pretraining loss uses it too)."""
+    scale = torch.as_tensor(logit_scale, dtype=img_emb.dtype, device=img_emb.device).exp()
+    return scale * F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).T + logit_bias
+
+
+def read_weights(path: str) -> dict:
+    """A state dict, fp32, from a .safetensors file or a PyTorch file (tensors only: weights_only)."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)                      # open_clip's training checkpoints wrap it
+    return {k.removeprefix("module."): v.float() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def count_blocks(sd: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def hf_blocks(sd: dict, prefix: str, depth: int) -> dict:
+    """Hugging Face CLIP/SigLIP encoder layers (popped from sd) -> our blocks (q, k, v joined into qkv)."""
+    out = {}
+    for i in range(depth):
+        p, q = f"{prefix}{i}.", f"blocks.{i}."
+        for s in ("weight", "bias"):
+            out[q + "attn.qkv." + s] = torch.cat([sd.pop(p + f"self_attn.{n}_proj.{s}") for n in "qkv"])
+            for ours, theirs in (("attn.proj", "self_attn.out_proj"), ("norm1", "layer_norm1"),
+                                 ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[f"{q}{ours}.{s}"] = sd.pop(f"{p}{theirs}.{s}")
+    return out
+
+
+def openai_blocks(sd: dict, prefix: str, depth: int) -> dict:
+    """OpenAI / open_clip residual blocks (popped from sd) -> our blocks (in_proj is already qkv)."""
+    out = {}
+    for i in range(depth):
+        p, q = f"{prefix}{i}.", f"blocks.{i}."
+        for s in ("weight", "bias"):
+            for ours, theirs in (("attn.qkv", "attn.in_proj"), ("attn.proj", "attn.out_proj"), ("norm1", "ln_1"),
+                                 ("norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                key = f"{p}{theirs}_{s}" if theirs == "attn.in_proj" else f"{p}{theirs}.{s}"
+                out[f"{q}{ours}.{s}"] = sd.pop(key)
+    return out
+
+
+def pairs(sd: dict, ours: str, theirs: str) -> dict:
+    """A LayerNorm or Linear's weight and bias, popped from sd under `theirs`, named `ours`."""
+    return {f"{ours}.{s}": sd.pop(f"{theirs}.{s}") for s in ("weight", "bias")}
+
+
+def pad_row(tok_embed: torch.Tensor) -> torch.Tensor:
+    """The token embedding (V, D) with a row of zeros for our pad token (id V) appended."""
+    return torch.cat([tok_embed, tok_embed.new_zeros(1, tok_embed.shape[1])])
+
+
+def no_leftovers(sd: dict, what: str) -> None:
+    """Every weight of the checkpoint was used (position-id buffers aside): a variant we do not
+    know is an error, not a tower loaded in part."""
+    left = [k for k in sd if not k.endswith(("position_ids", "attn_mask"))]
+    if left:
+        raise ValueError(f"{what} has weights this loader does not know: {left[:5]}")
+
+
+def hf_weights(path: str) -> dict:
+    """The weights of a Hugging Face folder: model.safetensors, its shards, or pytorch_model.bin."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return read_weights(os.path.join(path, name))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for name in files for k, v in read_weights(os.path.join(path, name)).items()}
+    raise FileNotFoundError(f"no model.safetensors (or pytorch_model.bin) in {path}")
+
+
+def load_clip_hf(path: str) -> tuple[ViTConfig, TextConfig, dict, dict]:
+    """A Hugging Face CLIPModel or SiglipModel folder (config.json + model.safetensors) -> (ViTConfig,
+    TextConfig, state dict in TwoTower's names, {"logit_scale", "logit_bias"}). Sizes come from the
+    weights' shapes; heads, activation and LayerNorm eps from config.json; pixel mean and std from
+    preprocessor_config.json where there is one."""
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    kind = c.get("model_type")
+    if kind not in HF_DEFAULTS:
+        raise ValueError(f"{path}: model_type {kind!r} is neither 'clip' nor 'siglip'")
+    clip = kind == "clip"
+    tc = HF_DEFAULTS[kind]["text"] | (c.get("text_config") or {})
+    vc = HF_DEFAULTS[kind]["vision"] | (c.get("vision_config") or {})
+    mean, std = (OPENAI_MEAN, OPENAI_STD) if clip else ((0.5,) * 3, (0.5,) * 3)
+    pre = os.path.join(path, "preprocessor_config.json")
+    if os.path.exists(pre):
+        with open(pre) as f:
+            pc = json.load(f)
+        mean, std = tuple(pc.get("image_mean", mean)), tuple(pc.get("image_std", std))
+    sd = hf_weights(path)
+    try:
+        # image tower
+        v = "vision_model."
+        w = sd.pop(v + "embeddings.patch_embedding.weight")                          # (D, 3, p, p)
+        Dv, p = w.shape[0], w.shape[-1]
+        pos = sd.pop(v + "embeddings.position_embedding.weight")                     # (clip + N, D)
+        depth = count_blocks(sd, v + "encoder.layers.")
+        img = {"patch_embed.proj.weight": w, "pos_embed": pos[None],
+               "patch_embed.proj.bias": sd.pop(v + "embeddings.patch_embedding.bias", torch.zeros(Dv))}
+        img |= pairs(sd, "norm", v + "post_layernorm") | hf_blocks(sd, v + "encoder.layers.", depth)
+        if clip:
+            img |= {"cls_token": sd.pop(v + "embeddings.class_embedding").view(1, 1, Dv),
+                    "proj.weight": sd.pop("visual_projection.weight")} | pairs(sd, "norm_pre", v + "pre_layrnorm")
+        else:   # the MAP head: nn.MultiheadAttention's in_proj split into our q and kv
+            h = v + "head."
+            wi, bi = sd.pop(h + "attention.in_proj_weight"), sd.pop(h + "attention.in_proj_bias")
+            img |= {"attn_pool.latent": sd.pop(h + "probe"), "attn_pool.q.weight": wi[:Dv], "attn_pool.q.bias": bi[:Dv],
+                    "attn_pool.kv.weight": wi[Dv:], "attn_pool.kv.bias": bi[Dv:]}
+            img |= (pairs(sd, "attn_pool.proj", h + "attention.out_proj") | pairs(sd, "attn_pool.norm", h + "layernorm")
+                    | pairs(sd, "attn_pool.mlp.fc1", h + "mlp.fc1") | pairs(sd, "attn_pool.mlp.fc2", h + "mlp.fc2"))
+        vcfg = ViTConfig(image_size=math.isqrt(pos.shape[0] - clip) * p, patch_size=p, dim=Dv, depth=depth,
+                         heads=vc["num_attention_heads"], mlp_ratio=img["blocks.0.mlp.fc1.weight"].shape[0] / Dv,
+                         pool="cls" if clip else "map", embed_dim=img["proj.weight"].shape[0] if clip else 0,
+                         ln_eps=vc["layer_norm_eps"], norm_pre=clip, act=HF_ACT[vc["hidden_act"]], mean=mean, std=std)
+        # text tower
+        t = "text_model."
+        tok = sd.pop(t + "embeddings.token_embedding.weight")                        # (V, D)
+        V, Dt = tok.shape
+        depth = count_blocks(sd, t + "encoder.layers.")
+        txt = {"tok_embed.weight": pad_row(tok), "pos_embed": sd.pop(t + "embeddings.position_embedding.weight")[None]}
+        txt |= pairs(sd, "norm", t + "final_layer_norm") | hf_blocks(sd, t + "encoder.layers.", depth)
+        txt |= {"proj.weight": sd.pop("text_projection.weight")} if clip else pairs(sd, "proj", t + "head")
+        tcfg = TextConfig(vocab_size=V + 1, context=txt["pos_embed"].shape[1], dim=Dt, depth=depth,
+                          heads=tc["num_attention_heads"], mlp_ratio=txt["blocks.0.mlp.fc1.weight"].shape[0] / Dt,
+                          embed_dim=txt["proj.weight"].shape[0], pad_id=V, ln_eps=tc["layer_norm_eps"],
+                          act=HF_ACT[tc["hidden_act"]], causal=clip, pool="eos" if clip else "last",
+                          fill_id=0 if clip else tc["pad_token_id"], proj_bias=not clip)
+        extras = {"logit_scale": float(sd.pop("logit_scale")), "logit_bias": float(sd.pop("logit_bias", 0.0))}
+    except KeyError as e:
+        raise ValueError(f"{path} is not a {kind} checkpoint this loader knows: no weight {e}") from None
+    no_leftovers(sd, path)
+    return vcfg, tcfg, {f"image.{k}": x for k, x in img.items()} | {f"text.{k}": x for k, x in txt.items()}, extras
+
+
+def load_clip_openai(path: str, quick_gelu: bool = True, model_cfg: dict | None = None,
+                     mean: tuple = OPENAI_MEAN, std: tuple = OPENAI_STD) -> tuple[ViTConfig, TextConfig, dict, dict]:
+    """A CLIP state dict in OpenAI's layout (OpenAI's and open_clip's ViT CLIP models: `visual.conv1`,
+    `transformer.resblocks.i`, ...) -> as load_clip_hf. The weights do not say the activation
+    (OpenAI's models use quick-GELU, most of open_clip's GELU) nor the heads: model_cfg, open_clip's
+    model config (open_clip_config.json's "model_cfg"), says them where given; else quick_gelu and
+    64-wide heads, OpenAI's."""
+    mc = model_cfg or {}
+    vc, tc = mc.get("vision_cfg", {}), mc.get("text_cfg", {})
+    if tc.get("pool_type", "argmax") != "argmax" or not isinstance(vc.get("layers", 1), int):
+        raise ValueError(f"{path}: only open_clip's plain ViT CLIP (end-of-text pooling) is supported")
+    act = "quick_gelu" if mc.get("quick_gelu", quick_gelu) else "gelu"
+    sd = read_weights(path)
+    for k in ("input_resolution", "context_length", "vocab_size"):  # scalars in OpenAI's TorchScript files
+        sd.pop(k, None)
+    try:
+        w = sd.pop("visual.conv1.weight")                                           # (D, 3, p, p)
+        Dv, p = w.shape[0], w.shape[-1]
+        pos = sd.pop("visual.positional_embedding")                                  # (1 + N, D)
+        depth = count_blocks(sd, "visual.transformer.resblocks.")
+        img = {"patch_embed.proj.weight": w, "patch_embed.proj.bias": torch.zeros(Dv), "pos_embed": pos[None],
+               "cls_token": sd.pop("visual.class_embedding").view(1, 1, Dv), "proj.weight": sd.pop("visual.proj").T}
+        img |= (pairs(sd, "norm_pre", "visual.ln_pre") | pairs(sd, "norm", "visual.ln_post")
+                | openai_blocks(sd, "visual.transformer.resblocks.", depth))
+        vcfg = ViTConfig(image_size=math.isqrt(pos.shape[0] - 1) * p, patch_size=p, dim=Dv, depth=depth,
+                         heads=Dv // vc.get("head_width", 64), mlp_ratio=img["blocks.0.mlp.fc1.weight"].shape[0] / Dv,
+                         embed_dim=img["proj.weight"].shape[0], ln_eps=1e-5, norm_pre=True, act=act, mean=mean, std=std)
+        tok = sd.pop("token_embedding.weight")                                       # (V, D)
+        V, Dt = tok.shape
+        depth = count_blocks(sd, "transformer.resblocks.")
+        txt = {"tok_embed.weight": pad_row(tok), "pos_embed": sd.pop("positional_embedding")[None],
+               "proj.weight": sd.pop("text_projection").T}
+        txt |= pairs(sd, "norm", "ln_final") | openai_blocks(sd, "transformer.resblocks.", depth)
+        tcfg = TextConfig(vocab_size=V + 1, context=txt["pos_embed"].shape[1], dim=Dt, depth=depth,
+                          heads=tc.get("heads", Dt // 64), mlp_ratio=txt["blocks.0.mlp.fc1.weight"].shape[0] / Dt,
+                          embed_dim=txt["proj.weight"].shape[0], pad_id=V, ln_eps=1e-5, act=act, causal=True,
+                          pool="eos")
+        extras = {"logit_scale": float(sd.pop("logit_scale")), "logit_bias": float(sd.pop("logit_bias", 0.0))}
+    except KeyError as e:
+        raise ValueError(f"{path} is not a CLIP state dict in OpenAI's layout: no weight {e}") from None
+    no_leftovers(sd, path)
+    return vcfg, tcfg, {f"image.{k}": x for k, x in img.items()} | {f"text.{k}": x for k, x in txt.items()}, extras

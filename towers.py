@@ -1,7 +1,8 @@
 """The frozen towers: the default tiny ones, pretrained once on a disjoint synthetic corpus and
-cached, or real pretrained weights (a timm ViT, a BERT-family text tower) in their place.
+cached, or real pretrained weights in their place: a timm ViT and/or a BERT-family text tower, or
+both towers of one CLIP or SigLIP model.
 
-`cfg` below is a train.Config (the fields model, pretrain, cache_dir, vit, vit_file, text_model).
+`cfg` below is a train.Config (the fields model, pretrain, cache_dir, vit, vit_file, text_model, clip).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def fingerprint(obj) -> str:
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of paired embeddings a, b (B, E)."""
-    logits = logit_scale.exp() * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T   # (B, B)
+    logits = M.similarity(a, b, logit_scale)                                          # (B, B)
     target = torch.arange(len(a), device=a.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
@@ -98,11 +99,21 @@ def pretrain(mcfg: M.ModelConfig, pcfg: PretrainConfig, device: str, con) -> tup
     return model.backbone_state(), tok
 
 
+# config fields added after caches were first written (for CLIP and SigLIP towers): left out of the
+# cache key while they hold their defaults, so that towers cached before them stay valid
+LATER_FIELDS = {"ViTConfig": {"norm_pre", "act"}, "TextConfig": {"act", "causal", "pool", "fill_id", "proj_bias"}}
+
+
+def key_fields(cfg, skip: tuple = ()) -> dict:
+    """A tower config's fields for the cache key: all but `skip`, and LATER_FIELDS at their defaults."""
+    later, default = LATER_FIELDS[type(cfg).__name__], type(cfg)()
+    return {k: v for k, v in asdict(cfg).items() if k not in skip and not (k in later and v == getattr(default, k))}
+
+
 def default_backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object]:
     """The default towers: pretrained once per (model config, pretraining config), then cached."""
     cache = D.cache_root(cfg.cache_dir)
-    key = fingerprint({"vit": asdict(cfg.model.vit), "text": {k: v for k, v in asdict(cfg.model.text).items()
-                                                              if k != "vocab_size"},
+    key = fingerprint({"vit": key_fields(cfg.model.vit), "text": key_fields(cfg.model.text, skip=("vocab_size",)),
                        "pretrain": asdict(cfg.pretrain), "synth": "v5"})
     path = os.path.join(cache, f"backbone-{key}.pt")
     ck = None
@@ -154,11 +165,72 @@ def bert_tower(path: str, context: int) -> tuple[M.TextConfig, dict, D.WordPiece
     return replace(tcfg, context=context), state, D.WordPieceTokenizer(os.path.join(path, "vocab.txt"))
 
 
+CLIP_OPENAI_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+CLIP_BPE_FILES = ("vocab.json", "bpe_simple_vocab_16e6.txt.gz")
+
+
+def clip_tower(path: str) -> tuple[M.ViTConfig, M.TextConfig, dict, object]:
+    """Both towers of a CLIP or SigLIP checkpoint -> (ViTConfig, TextConfig, state in TwoTower's
+    names, the model's own tokenizer). `path` is a Hugging Face folder (config.json and
+    model.safetensors of a CLIPModel or SiglipModel, with vocab.json + merges.txt or spiece.model),
+    or a CLIP state dict in OpenAI's / open_clip's layout: a .pt, .bin or .safetensors file, or an
+    open_clip folder holding one (open_clip_pytorch_model.bin, open_clip_model.safetensors), with the
+    BPE files beside it (vocab.json + merges.txt, or OpenAI's bpe_simple_vocab_16e6.txt.gz) and
+    open_clip's open_clip_config.json where there is one (it says the activation and the heads)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --clip {path}: no such file or folder")
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+            vcfg, tcfg, state, _ = M.load_clip_hf(path)
+        else:
+            file = path if os.path.isfile(path) else next(
+                (os.path.join(path, n) for n in CLIP_OPENAI_FILES if os.path.exists(os.path.join(path, n))), None)
+            if file is None:
+                raise SystemExit(f"error: --clip {path}: neither a Hugging Face folder (config.json) nor an "
+                                 f"open_clip one ({' or '.join(CLIP_OPENAI_FILES)})")
+            oc = os.path.join(folder, "open_clip_config.json")
+            kw = {}
+            if os.path.exists(oc):
+                with open(oc) as f:
+                    c = json.load(f)
+                kw = {"model_cfg": c.get("model_cfg", {})}
+                pre = c.get("preprocess_cfg", {})
+                kw |= {k: tuple(pre[k]) for k in ("mean", "std") if k in pre}
+            vcfg, tcfg, state, _ = M.load_clip_openai(file, **kw)
+    except (ValueError, OSError, RuntimeError) as e:   # a foreign or damaged checkpoint: say which, in one line
+        raise SystemExit(f"error: cannot load --clip {path}: {(str(e) or type(e).__name__).splitlines()[0][:300]}") from None
+    if tcfg.pool == "last":   # SigLIP
+        if not os.path.exists(os.path.join(folder, "spiece.model")):
+            raise SystemExit(f"error: --clip {path}: no spiece.model (SigLIP's tokenizer) in {folder}")
+        tok = D.SiglipTokenizer.load(os.path.join(folder, "spiece.model"))
+    elif os.path.exists(os.path.join(folder, "vocab.json")) and os.path.exists(os.path.join(folder, "merges.txt")):
+        tok = D.ClipTokenizer.load(folder)
+    elif os.path.exists(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz")):
+        tok = D.ClipTokenizer.load(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz"))
+    else:
+        raise SystemExit(f"error: --clip {path}: no tokenizer in {folder} (vocab.json + merges.txt, or "
+                         "bpe_simple_vocab_16e6.txt.gz)")
+    if tok.pad_id != tcfg.pad_id:
+        raise SystemExit(f"error: --clip {path}: the tokenizer has {tok.pad_id} tokens, the text tower "
+                         f"{tcfg.pad_id}")
+    return vcfg, tcfg, state, tok
+
+
 def backbone(cfg, device: str, con) -> tuple[M.ModelConfig, dict, object]:
     """The frozen towers: the default pretrained tiny ones, with either tower replaced by real
-    pretrained weights when --vit / --text-model are given. Only the default pair was trained into
-    one embedding space; with a tower replaced the pair shares none (mcfg.shared_space False), so
-    the text mask's cross-modal context term is skipped, whatever the towers' widths."""
+    pretrained weights when --vit / --text-model are given, or both by --clip. The default pair and
+    a CLIP / SigLIP pair were each trained into one embedding space (mcfg.shared_space True); with
+    one tower replaced the pair shares none (False), so the text mask's cross-modal context term is
+    skipped, whatever the towers' widths."""
+    if cfg.clip:
+        if cfg.vit or cfg.text_model:
+            raise SystemExit("error: --clip sets both towers; give it without --vit and --text-model")
+        vcfg, tcfg, state, tok = clip_tower(cfg.clip)
+        kind = "SigLIP" if tcfg.pool == "last" else "CLIP"
+        con.print(f"towers: {kind} {cfg.clip} (image {vcfg.depth} blocks, dim {vcfg.dim}, {vcfg.image_size}px; "
+                  f"text {tcfg.depth} blocks, dim {tcfg.dim}; one embedding space)")
+        return replace(cfg.model, vit=vcfg, text=tcfg, shared_space=True), state, tok
     if cfg.vit and cfg.text_model:
         mcfg, state, tok = cfg.model, {}, None
     else:

@@ -79,6 +79,7 @@ class Config:
     vit: str = ""                           # a timm ViT name: its pretrained weights replace the default image tower
     vit_file: str = ""                      # local weights for --vit (else timm fetches them)
     text_model: str = ""                    # a BERT-family folder (config.json, model.safetensors, vocab.txt)
+    clip: str = ""                          # a CLIP or SigLIP checkpoint (folder or file): both towers and its tokenizer
     quiet: bool = False
     continue_from: str = ""                 # a finished run's folder: learn `data`'s new classes after it (extend.py)
     new_phases: int = 1                     # with continue_from: the phases the new classes are learned in
@@ -627,6 +628,8 @@ def main(argv=None) -> None:
     p.add_argument("--vit", default=c.vit, help="timm ViT name whose pretrained weights replace the default image tower")
     p.add_argument("--vit-file", default=c.vit_file, help="local weights file for --vit")
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
+    p.add_argument("--clip", default=c.clip, help="CLIP or SigLIP checkpoint (Hugging Face folder, or OpenAI / open_clip "
+                                                  "state dict) whose two towers replace both default towers")
     p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches an exmask exemplar keeps")
     p.add_argument("--keep-text", type=float, default=c.keep_text,
                    help="share of caption tokens a masked exemplar keeps (1 = whole; the paper's text mask: e.g. 0.8)")
@@ -655,7 +658,7 @@ def main(argv=None) -> None:
                      memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, seeds=a.seeds, epochs=a.epochs,
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
-                     vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, keep_image=a.keep_image, keep_text=a.keep_text,
+                     vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, mask_candidates=a.mask_candidates, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
     except ValueError as e:
