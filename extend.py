@@ -19,7 +19,7 @@ The rules; breaking one is a one-line `error:` (exit 2 from the command line):
   another value is refused, by name.
 - towers and tokenizer: the run's own (model.pt, tokenizer.model or vocab.txt). The new captions are
   encoded with the run's tokenizer, never a retrained one, and the images decoded at the run's image
-  size; --vit, --text-model and another model config are refused.
+  size; --vit, --text-model, --clip and another model config are refused.
 - budget: the run's rule goes on. With --memory-per-class M every class, old and new, keeps M full
   exemplars' bytes, so the total grows with the classes as it did during the run; with --memory-bytes N
   the fixed total is shared by all classes, so the old ones give up their least representative exemplars.
@@ -99,7 +99,7 @@ def run_config(cfg: T.Config, run: dict, mcfg: M.ModelConfig) -> T.Config:
             hint = " (the new classes' phases are --phases with --continue, new_phases in Config)" if k == "phases" else ""
             raise SystemExit(f"error: --continue: {k} {mine!r} given, the run's is {v!r}; a continued run keeps "
                              f"its run's settings{hint}")
-    for k in ("seeds", "vit", "vit_file", "text_model"):
+    for k in ("seeds", "vit", "vit_file", "text_model", "clip"):
         if getattr(cfg, k):
             raise SystemExit(f"error: --continue: {k} {getattr(cfg, k)!r} given; a continued run keeps its run's "
                              "seed and towers (they are in its model.pt)")

@@ -182,6 +182,7 @@ def test_every_mismatch_is_one_error_line_naming_it(runs):
     assert "methods 'replay' given" in error_of(go, methods="replay")
     assert "new_phases" in error_of(go, phases=3)
     assert "vit" in error_of(go, vit="vit_tiny_patch16_224")
+    assert "clip" in error_of(go, clip="some/clip")
     assert "model.vit.image_size" in error_of(go, model=replace(runs["base"].model, vit=replace(runs["base"].model.vit,
                                                                                                   image_size=64)))
     assert "cannot split 2 classes into 3 phases" in error_of(go, new_phases=3)
