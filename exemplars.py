@@ -9,6 +9,7 @@ it was scored in. `cfg` is a train.Config.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -167,24 +168,32 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
     and its ablations. Herding stops once a class's exemplars fill `quota` bytes (the budget's share
     per class; None = keep all), the same cut Memory.add makes (memory.within_quota), and only the
-    samples herding reaches are masked, a batch at a time. Also returns, for the picture, the first
-    exemplar of up to 4 classes."""
+    samples herding reaches are masked, a batch at a time. A masked exemplar keeps cfg.keep_image of
+    the patches, or more where the class has too few rows to fill its quota (exmask.fill_keep).
+    Also returns, for the picture, the first exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
     N, P = data["patches"].shape[1:]
-    K = exmask.keep_count(N, cfg.keep_image) if method in MASKING and model.use_image else N
-    step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + 2) + 1))
+    masked = method in MASKING and model.use_image
     for c in classes:
         rows = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
+        K = exmask.keep_count(N, cfg.keep_image) if masked else N
+        if masked:   # too few rows to fill the quota at that share: each keeps more patches (exmask.fill_keep)
+            caps = data["ids"][rows]
+            text = int((caps != pad).sum(1).max()) * exmask.int_dtype(V).itemsize * model.use_text if len(rows) else 0
+            bits = -(-N // 8) + (-(-caps.shape[1] // 8) if cfg.keep_text < 1 else 0)
+            K = exmask.fill_keep(len(rows), quota, N, P, text + bits + torch.int16.itemsize, K)
+        ccfg = replace(cfg, keep_image=K / N)          # this class's share: keep_count(N, K / N) == K
+        step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + 2) + 1))
         sig = signals(model, data, rows, cfg)
-        noise = draw_noise(len(rows), N, data["ids"].shape[1], gen, method, cfg)
+        noise = draw_noise(len(rows), N, data["ids"].shape[1], gen, method, ccfg)
         first = []                                   # what the picture shows of this class
 
         def herded():
             order = herd(sig["feats"])
             while len(part := torch.tensor(list(itertools.islice(order, step)), dtype=torch.long)):
                 r = rows[part]
-                m = (mask_sets(model, data, r, method, cfg, {k: v[..., part, :] for k, v in noise.items()},
+                m = (mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in noise.items()},
                                {k: None if v is None else v[part] for k, v in sig.items()})
                      if method in MASKING else {"keep_idx": None, "keep": None})
                 patches, ids = data["patches"][r], data["ids"][r]

@@ -170,6 +170,16 @@ def full_bytes(n_patches: int, patch_dim: int, context: int, vocab_size: int, im
             + torch.int16.itemsize)
 
 
+def fill_keep(n_rows: int, quota: int | None, n_patches: int, patch_dim: int, other_bytes: int, k_min: int) -> int:
+    """Patches a class's masked exemplars keep: k_min (the --keep-image share), or more where the
+    class has too few rows to fill its quota at k_min, as many as let every row fit in `quota`
+    bytes (other_bytes: an upper bound on an exemplar's bytes besides its patches). Bytes a class
+    cannot use otherwise go to sharper exemplars; with rows to spare, nothing changes."""
+    if quota is None or n_rows == 0:
+        return k_min
+    return max(k_min, min(n_patches, (quota // n_rows - other_bytes) // patch_dim))
+
+
 def exemplar_bytes(n_patches: int, patch_dim: int, tokens: int, vocab_size: int, context: int,
                    keep_image: float | None = None, keep_text: float | None = None) -> int:
     """The bytes encode() stores for one exemplar whose caption has `tokens` real tokens (special ones

@@ -380,3 +380,29 @@ def test_bench_mask_precision_on_a_manifest_with_masks(tmp_path, monkeypatch):
     r = res["rules"]
     assert r["object"]["on_object"] >= r["random"]["on_object"] and r["object"]["on_object"] > 0
     assert r["feature"]["fidelity"] >= r["random"]["fidelity"] - 1e-6     # its first candidate is random's mask
+
+
+def test_a_class_with_too_few_rows_keeps_more_patches_and_fills_its_quota(tmp_path):
+    """fill_keep: with rows to spare a class's exemplars keep the --keep-image share; with too few
+    rows to fill the quota at that share, every row is stored, each with more patches, within the quota."""
+    import train as T
+    assert exmask.fill_keep(10, 10 * (6 * 48 + 20), 64, 48, 20, 4) == 6      # exactly what fits
+    assert exmask.fill_keep(10, 10 * (3 * 48 + 20), 64, 48, 20, 4) == 4      # never below the share
+    assert exmask.fill_keep(2, 10 ** 9, 64, 48, 20, 4) == 64                  # never beyond the image
+    assert exmask.fill_keep(10, None, 64, 48, 20, 4) == 4
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25)
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    N = data["patches"].shape[1]
+    rows = int((data["is_train"] & (data["labels"] == 0)).sum())
+    K = exmask.keep_count(N, cfg.keep_image)
+    for method in ("exmask", "random-mask"):
+        small, _ = E.candidates(model, data, [0], method, cfg, torch.Generator().manual_seed(0), quota=3000)
+        assert len(small[0]) < rows and {len(ex["pixels"]) for ex in small[0]} == {K}       # rows to spare
+        q = rows * (2 * K * data["patches"].shape[2])                                        # room for all, twice the patches
+        big, _ = E.candidates(model, data, [0], method, cfg, torch.Generator().manual_seed(0), quota=q)
+        kept = {len(ex["pixels"]) for ex in big[0]}
+        assert len(big[0]) == rows and len(kept) == 1 and K < kept.pop() <= 2 * K
+        assert sum(exmask.nbytes(ex) for ex in big[0]) <= q
