@@ -228,7 +228,8 @@ def test_every_image_mask_trains_and_oracle_uses_the_synth_objects(tmp_path, mon
     cfg = tiny_train_cfg(tmp_path, methods="exmask,oracle-mask,paper-mask", image_mask="class")
     by = {r["method"]: r for r in T.train(cfg)}
     assert by["exmask"]["settings"]["image_mask"] == "class"
-    assert all(r["memory"]["mean_kept_patches"] == exmask.keep_count(16, cfg.keep_image) for r in by.values())
+    kept = {r["memory"]["mean_kept_patches"] for r in by.values()}   # one share for every rule (fill_keep's)
+    assert len(kept) == 1 and kept.pop() >= exmask.keep_count(16, cfg.keep_image)
     with pytest.raises(ValueError, match="image_mask"):
         T.Config(image_mask="magic")
     got = []

@@ -230,8 +230,8 @@ def test_budget_plan_for_the_paper_protocol():
     b = R.budget_plan(200)                                            # ViT-B/16 at 224 px, MiniLM's ids, 5 a class
     unit = 196 * 768 + 64 * 2 + 2
     assert b["full_exemplar_bytes"] == unit and b["class_bytes"] == 5 * unit and b["budget_bytes"] == 1000 * unit
-    assert b["kept_patches"] == 39 and b["replay_per_class"] == 5
-    assert b["exmask_per_class"] == 5 * unit // (39 * 768 + 25 + 64 * 2 + 2) == 25
+    assert b["kept_patches"] == 20 and b["replay_per_class"] == 5
+    assert b["exmask_per_class"] == 5 * unit // (20 * 768 + 25 + 64 * 2 + 2) == 48
     assert R.budget_plan(101, tokens=20)["exmask_per_class"] >= b["exmask_per_class"]     # shorter captions: more
     small = R.budget_plan(10, memory_per_class=1, image_size=32, patch=4, context=24, vocab_size=700, keep_image=0.3,
                           keep_text=0.8)
@@ -270,4 +270,11 @@ def test_readme_protocol_commands_parse_and_quote_the_budget(monkeypatch):
         b = R.budget_plan(classes)
         for k in ("budget_bytes", "class_bytes", "full_exemplar_bytes", "exmask_exemplar_bytes"):
             assert f"{b[k]:,}" in readme
-        assert (b["replay_per_class"], b["exmask_per_class"]) == (5, 25)
+        assert (b["replay_per_class"], b["exmask_per_class"]) == (5, 48)
+
+
+def test_the_budget_plan_uses_train_py_s_default_share():
+    import inspect
+
+    import train as T
+    assert inspect.signature(R.budget_plan).parameters["keep_image"].default == T.Config().keep_image
