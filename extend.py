@@ -38,6 +38,7 @@ import torch
 
 import data as D
 import models as M
+import ranks
 import train as T
 from pictures import draw_accuracy
 
@@ -210,10 +211,12 @@ def continue_run(cfg: T.Config, con) -> list[dict]:
     sizes = ck.get("classes_per_phase") or [len(c) for c in D.phase_classes(list(range(n_old)), run["phases"],
                                                                             run["first_phase"])]
     rcfg = replace(rcfg, phases=len(sizes) + cfg.new_phases)
-    os.makedirs(cfg.out, exist_ok=True)
-    new = T.prepare(T.read_data(rcfg, mcfg.vit.image_size), rcfg, mcfg, tok)   # the new classes in seeded order
-    old = (T.prepare(T.read_data(replace(rcfg, data=cfg.eval_data), mcfg.vit.image_size), rcfg, mcfg, tok)
-           if cfg.eval_data else None)
+    if ranks.is_main():   # under torchrun (ranks.py) only the first process writes
+        os.makedirs(cfg.out, exist_ok=True)
+    with ranks.main_first():   # the first process decodes the images into the cache, the others read it
+        new = T.prepare(T.read_data(rcfg, mcfg.vit.image_size), rcfg, mcfg, tok)   # the new classes in seeded order
+        old = (T.prepare(T.read_data(replace(rcfg, data=cfg.eval_data), mcfg.vit.image_size), rcfg, mcfg, tok)
+               if cfg.eval_data else None)
     data = join(new, old, run["classes"])
     ends = torch.tensor(sizes).cumsum(0).tolist()
     phase_cls = ([list(range(e - s, e)) for s, e in zip(sizes, ends)]
@@ -225,11 +228,13 @@ def continue_run(cfg: T.Config, con) -> list[dict]:
     res["settings"] = {**{k: getattr(rcfg, k) for k in T.RUN_KEYS}, "data": cfg.data, "eval_data": cfg.eval_data,
                        "continued_from": os.path.abspath(folder)}
     res["eval_split"] = "val" if rcfg.val else "test"
-    T.save_model(out, model, data["class_names"], tok)
-    if cfg.export:
-        import export  # lazily: training alone never loads onnx
-        export.export_run(out, log=con.print)
-    D.write_json(os.path.join(cfg.out, "results.json"), res)
-    T.show([res], con)
-    draw_accuracy(os.path.join(cfg.out, "accuracy.png"), [res])
+    if ranks.is_main():
+        T.save_model(out, model, data["class_names"], tok)
+        if cfg.export:
+            import export  # lazily: training alone never loads onnx
+            export.export_run(out, log=con.print)
+        D.write_json(os.path.join(cfg.out, "results.json"), res)
+        T.show([res], con)
+        draw_accuracy(os.path.join(cfg.out, "accuracy.png"), [res])
+    ranks.barrier()
     return [res]

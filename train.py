@@ -4,6 +4,7 @@
     python train.py --methods finetune,replay,joint    # several methods side by side
     python train.py --data my/manifest.csv --phases 10 --memory-per-class 5
     python train.py --continue runs/a/exmask --data new.csv --out runs/b   # new classes later (extend.py)
+    torchrun --standalone --nproc_per_node 2 train.py --data my/manifest.csv   # one job, 2 processes (ranks.py)
 
 From Python (a notebook): `from train import Config, train; results = train(Config(phases=5))`.
 
@@ -11,6 +12,11 @@ Methods share one harness: `finetune` (no memory), `replay` (full exemplars), `e
 exemplars, optionally mixup replay) and its ablations, `joint` (every sample of every seen class kept: the
 upper bound). The towers stay frozen; adapters and the head are trained. Each epoch trains on
 the new classes' data and replays every stored exemplar once beside it (--replay epoch).
+
+Under torchrun every process draws the same steps and forwards its shard of each (--batch-size is
+the global batch, split), the gradients are summed (ranks.all_reduce_grads), exemplars are chosen and
+masked by the first process and broadcast, evaluation is sharded and summed, and only the first
+process writes files and shows progress. One process runs exactly as without torchrun.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 import data as D
 import exmask
 import models as M
+import ranks
 from exemplars import IMAGE_MASKS, MASKING, candidates, draw_noise, mask_sets
 from memory import Memory
 from models import autocast
@@ -82,6 +89,9 @@ class Config:
     text_model: str = ""                    # a BERT-family folder (config.json, model.safetensors, vocab.txt)
     clip: str = ""                          # a CLIP or SigLIP checkpoint (folder or file): both towers and its tokenizer
     quiet: bool = False
+    dist_timeout: float = 1800.0            # under torchrun: seconds a process waits in a collective (for the
+                                            # others) before the job ends with an error; the first process alone
+                                            # pretrains the towers and decodes the images while the others wait
     continue_from: str = ""                 # a finished run's folder: learn `data`'s new classes after it (extend.py)
     new_phases: int = 1                     # with continue_from: the phases the new classes are learned in
     eval_data: str = ""                     # with continue_from: the run's own manifest, its old classes' test rows
@@ -108,6 +118,8 @@ class Config:
             raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1 or self.new_phases < 1:
             raise ValueError("phases, epochs and batch size must be at least 1")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout is in seconds and must be positive, got {self.dist_timeout}")
         if self.eval_data and not self.continue_from:
             raise ValueError("eval_data measures a continued run's old classes: it needs continue_from")
 
@@ -216,20 +228,21 @@ def evaluate(model: M.TwoTower, data: dict, phase_cls: list[list[int]], t: int, 
     """Accuracy (%) and sample count on the test data of each phase 0..t (None, 0 for a phase
     without test rows: only a continued run's old classes, without --eval-data)."""
     model.eval()
-    row, cnt = [], []
+    right, cnt = [], []
     for j in range(t + 1):
         sel = data["is_test"] & torch.isin(data["labels"], torch.tensor(phase_cls[j]))
         idx = sel.nonzero().flatten()
         correct = 0
-        for b in idx.split(bs):
+        for b in ranks.shard(idx).split(bs):     # under torchrun each process measures its share
             x = data["patches"][b].to(device)
             pidx = M.all_patches(x)
             with autocast(device):
                 logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
             correct += (logits.argmax(1).cpu() == data["labels"][b]).sum().item()
-        row.append(100.0 * correct / len(idx) if len(idx) else None)
+        right.append(correct)
         cnt.append(len(idx))
-    return row, cnt
+    right = ranks.sum_ints(right)
+    return [100.0 * c / n if n else None for c, n in zip(right, cnt)], cnt
 
 
 # ----------------------------------------------------------------------------- memory
@@ -292,6 +305,34 @@ def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
     lam = r["lam"]
     return (lam * F.cross_entropy(logits, r["labels"], reduction="none")
             + (1 - lam) * F.cross_entropy(logits, r["labels_b"], reduction="none")).mean()
+
+
+def new_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, device: str) -> torch.Tensor:
+    """Cross-entropy of dataset rows `rows`, whole."""
+    x = to_device(data["patches"][rows], device)
+    logits = model.forward_tokens(x, M.all_patches(x), to_device(data["ids"][rows], device))
+    return F.cross_entropy(logits.float(), to_device(data["labels"][rows], device))
+
+
+def masked_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int,
+                device: str) -> torch.Tensor:
+    """Cross-entropy of new-phase rows `rows` shown masked (see masked_batch)."""
+    nb = masked_batch(data, rows, m, sel, pad, device)
+    return F.cross_entropy(model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"]).float(), nb["labels"])
+
+
+def replay_loss(model: M.TwoTower, r: dict) -> torch.Tensor:
+    """Mixup cross-entropy of a replay batch (replay_batch)."""
+    return mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"]).float(), r)
+
+
+def share(n_mine: int, n_all: int, loss_of, *args) -> torch.Tensor:
+    """A loss term as one process adds it: loss_of(*args), the mean over its n_mine of the step's
+    n_all rows, times its share of them, so that the processes' terms sum to the mean over all the
+    rows. One process (n_mine == n_all): the mean itself, untouched; no rows: a constant 0."""
+    if n_mine == n_all:
+        return loss_of(*args)
+    return loss_of(*args) * (n_mine / n_all) if n_mine else torch.zeros(())
 
 
 # ----------------------------------------------------------------------------- one method
@@ -394,9 +435,11 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
                     f"[{method}] phase {t + 1}/{cfg.phases}")
         if memory is not None:
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
-            cands, shown = candidates(model, data, phase_cls[t], method, cfg, gen,
-                                      memory.quota(len(memory.classes) + len(phase_cls[t])))
-            memory.add(cands)
+            # under torchrun: chosen and masked once, by the first process; every process stores them
+            cands, shown = (candidates(model, data, phase_cls[t], method, cfg, gen,
+                                       memory.quota(len(memory.classes) + len(phase_cls[t])))
+                            if ranks.is_main() else (None, []))
+            memory.add(ranks.broadcast(cands))
             if t == 0 and shown:
                 draw_masked(os.path.join(cfg.out, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
                             tok, data["class_names"])
@@ -410,11 +453,12 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         con.print(f"[{method}] phase {t + 1}/{cfg.phases}: accuracy {acc:.1f}% on {measured} classes, "
                   f"{secs[-1]:.1f}s" + (f", memory {len(memory)} exemplars, {memory.bytes_used():,} B"
                                          if memory is not None else ""))
-        trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
-        save_checkpoint(ck_path, {"run": run, "n_classes": model.n_classes, "trainable": trainable,
-                                  "classes_per_phase": [len(c) for c in phase_cls],
-                                  "memory": memory.state_dict() if memory is not None else {},
-                                  "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats})
+        if ranks.is_main():   # every process holds the same weights and memory: the first one writes them
+            trainable = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+            save_checkpoint(ck_path, {"run": run, "n_classes": model.n_classes, "trainable": trainable,
+                                      "classes_per_phase": [len(c) for c in phase_cls],
+                                      "memory": memory.state_dict() if memory is not None else {},
+                                      "R": R, "counts": counts, "secs": secs, "mem_stats": mem_stats})
     res = {"method": method, "seed": cfg.seed, "phases": cfg.phases,
            "classes_per_phase": [len(c) for c in phase_cls], "accuracy_matrix": R, **metrics(R, counts),
            "phase_seconds": secs, "trainable_params": n_params or model.trainable_params(),
@@ -422,7 +466,9 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
            "memory": mem_stats[-1] if mem_stats[-1] else {"budget_bytes": 0, "bytes_used": 0, "exemplars": 0,
                                                             "exemplars_per_class": 0, "mean_kept_patches": 0,
                                                             "mean_kept_tokens": 0},
-           "memory_per_phase": mem_stats}
+           "memory_per_phase": mem_stats,
+           # under torchrun the step's batch (--batch-size) is split over the processes: the same run for any N
+           "world_size": ranks.world_size(), "global_batch_size": cfg.batch_size}
     return res, model
 
 
@@ -464,7 +510,9 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
         # old classes are replayed masked; show the new ones masked too (a share of the time), so
         # that "masked" never stands for "old class" and both feature distributions meet
         noise = draw_noise(len(idx), data["patches"].shape[1], data["ids"].shape[1], gen, method, cfg)
-        masked_new = mask_sets(model, data, idx, method, cfg, noise)
+        # under torchrun: masked once, by the first process (every process draws the noise, so that
+        # all of them go on drawing the same numbers from gen)
+        masked_new = ranks.broadcast(mask_sets(model, data, idx, method, cfg, noise) if ranks.is_main() else None)
     model.train()
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
@@ -476,25 +524,26 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
             for s in range(per_epoch):
                 p = new[s] if s < len(new) else idx[:0]
                 b = idx[p]
+                # the step's rows (b, sel, rows) are drawn whole on every process alike; under torchrun
+                # each process forwards its shard of them (ranks.shard) and adds its share of the loss
                 loss, n = None, 0
                 with autocast(device):
                     if len(b):
-                        x = to_device(data["patches"][b], device)
-                        logits = model.forward_tokens(x, M.all_patches(x), to_device(data["ids"][b], device))
-                        loss, n = F.cross_entropy(logits.float(), to_device(data["labels"][b], device)), len(b)
+                        mine = ranks.shard(b)
+                        loss, n = share(len(mine), len(b), new_loss, model, data, mine, device), len(b)
                     if masked_new is not None:
                         sel = p[torch.rand(len(p), generator=gen) < cfg.mask_new]
                         if len(sel):
-                            nb = masked_batch(data, idx[sel], masked_new, sel, pad, device)
-                            lm = F.cross_entropy(model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"],
-                                                                      nb["pos"]).float(), nb["labels"])
+                            mine = ranks.shard(sel)
+                            lm = share(len(mine), len(sel), masked_loss, model, data, idx[mine], masked_new, mine,
+                                       pad, device)
                             loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
                             n += len(sel)
                     rows = (order[s * per_step:(s + 1) * per_step] if cfg.replay == "epoch" else
                             torch.randint(n_mem, (cfg.batch_size,), generator=gen) if n_mem else order)
                     if len(rows):
-                        r = replay_batch(bank, rows, cfg, method, pad, gen)
-                        lr_ = mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"]).float(), r)
+                        r = ranks.shard_batch(replay_batch(bank, rows, cfg, method, pad, gen))
+                        lr_ = share(len(r["labels"]), len(rows), replay_loss, model, r)
                         if loss is None:
                             loss = lr_
                         elif cfg.replay == "batch":   # old and new weigh the same, whatever their numbers
@@ -502,7 +551,9 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                         else:                       # every sample weighs the same: training on new data + memory
                             loss = (loss * n + lr_ * len(rows)) / (n + len(rows))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:   # a process whose shards of the step are all empty adds nothing
+                    loss.backward()
+                ranks.all_reduce_grads(params)   # one process: nothing to do
                 opt.step()
                 sched.step()
                 bar.advance(task)
@@ -511,17 +562,21 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
 # ----------------------------------------------------------------------------- the whole job
 
 def train(cfg: Config = Config()) -> list[dict]:
-    """Run every method in cfg.methods on the same data and backbone; write <out>/results.json."""
-    con = console(cfg)
+    """Run every method in cfg.methods on the same data and backbone; write <out>/results.json.
+    Started by torchrun, the processes run it together (ranks.py): only the first writes and shows."""
     cfg = replace(cfg, device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but no GPU is visible to PyTorch")
+    cfg = replace(cfg, device=ranks.setup(cfg.device, cfg.dist_timeout))   # one process: as given
+    cfg = replace(cfg, quiet=cfg.quiet or not ranks.is_main())
+    con = console(cfg)
     name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
     cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
     if cfg.continue_from:   # new classes after a finished run: its own file
         import extend
         return extend.continue_run(cfg, con)
-    os.makedirs(cfg.out, exist_ok=True)
+    if ranks.is_main():
+        os.makedirs(cfg.out, exist_ok=True)
     # every problem with the data or the phase split, in one line, before any long work
     seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     if cfg.data:
@@ -529,8 +584,9 @@ def train(cfg: Config = Config()) -> list[dict]:
         check_phases(cfg, seeds, names, labels, D.carve_validation(labels, is_test, cfg.val) if cfg.val else is_test)
     else:
         check_phases(cfg, seeds, [str(c) for c in range(cfg.synth.n_classes)])
-    mcfg, state, tok = backbone(cfg, cfg.device, con)
-    raw = read_data(cfg, mcfg.vit.image_size)
+    with ranks.main_first():   # under torchrun the first process fills the caches, the others read them
+        mcfg, state, tok = backbone(cfg, cfg.device, con)
+        raw = read_data(cfg, mcfg.vit.image_size)
     results = []
     for seed in seeds:
         scfg = replace(cfg, seed=seed)
@@ -544,13 +600,17 @@ def train(cfg: Config = Config()) -> list[dict]:
                                                              "memory_bytes")}
             res["eval_split"] = "val" if cfg.val else "test"
             results.append(res)
+            if not ranks.is_main():
+                continue
             save_model(os.path.join(cfg.out, name), model, data["class_names"], tok)
             if cfg.export:
                 import export  # lazily: training alone never loads onnx
                 export.export_run(os.path.join(cfg.out, name), log=con.print)
             D.write_json(os.path.join(cfg.out, "results.json"), results if len(results) > 1 else results[0])
     show(results, con)
-    draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
+    if ranks.is_main():
+        draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
+    ranks.barrier()   # the files are written before any process returns
     return results
 
 
@@ -649,6 +709,8 @@ def main(argv=None) -> None:
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
     p.add_argument("--continue", dest="continue_from", metavar="RUN_DIR", default=c.continue_from,
                    help="learn --data's new classes after this finished run (its settings and memory); see extend.py")
+    p.add_argument("--dist-timeout", type=float, default=c.dist_timeout,
+                   help="under torchrun: seconds a process waits for the others in a collective before the job ends")
     p.add_argument("--eval-data", default=c.eval_data, help="with --continue: the run's manifest, to measure its old classes too")
     a = p.parse_args(argv)
     new_phases = a.phases if a.continue_from and a.phases is not None else c.new_phases
@@ -661,11 +723,13 @@ def main(argv=None) -> None:
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, mask_candidates=a.mask_candidates, val=a.val,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay)
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay,
+                     dist_timeout=a.dist_timeout)
     except ValueError as e:
         p.error(str(e))
     try:
         train(cfg)
+        ranks.teardown()
     except SystemExit as e:   # a problem the user can fix: its one line, and exit 2 as a usage error does
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
