@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -337,56 +336,8 @@ def share(n_mine: int, n_all: int, loss_of, *args) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- one method
 
-def checkpoint_path(out: str) -> str:
-    return os.path.join(out, "checkpoint.pt")
-
-
-def save_checkpoint(path: str, ck: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    D.write_atomic(path, lambda tmp: torch.save(ck, tmp))
-
-
-# what --resume must find unchanged in a checkpoint (the masking settings decide the memory's contents)
-RUN_KEYS = ("seed", "phases", "first_phase", "memory_per_class", "memory_bytes", "keep_image", "keep_text",
-            "image_mask", "mask_candidates", "smooth_image", "context_weight", "recombine", "token_mixup",
-            "mask_new", "replay", "val", "epochs", "batch_size", "lr")
-
-
-def run_identity(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
-    """The settings a checkpoint was made with, as plain values."""
-    return {"method": method, **{k: getattr(cfg, k) for k in RUN_KEYS}, "classes": list(data["class_names"]),
-            "towers": json.loads(json.dumps(asdict(mcfg)))}
-
-
-def load_checkpoint(path: str, run: dict) -> dict:
-    """A checkpoint to resume from, refused (one error line) where it is unreadable or was made with
-    other settings than `run` (run_identity), saying which."""
-    try:
-        ck = torch.load(path, weights_only=True)
-    except Exception as e:   # truncated, corrupt, or not ours: say how to start over
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}); delete it (or run without "
-                         "--resume) to start this method over") from None
-    old = ck.get("run")
-    if old is None:
-        raise SystemExit(f"error: checkpoint {path} was made by an older version; delete it to start over")
-    for k, v in run.items():
-        if old.get(k) != v:
-            what = "the classes or their order" if k == "classes" else k
-            shown = "" if k in ("classes", "towers") else f": {old.get(k)!r} there, {v!r} now"
-            raise SystemExit(f"error: --resume: {path} was made with another {what}{shown}; resume with the same "
-                             "settings, or use another --out (or delete it) to start over")
-    return ck
-
-
-def save_model(folder: str, model: M.TwoTower, class_names: list[str], tok) -> None:
-    """The final classifier, for export.py: model.pt (config + full state, adapters unmerged),
-    the tokenizer and labels.json beside it."""
-    os.makedirs(folder, exist_ok=True)
-    save_checkpoint(os.path.join(folder, "model.pt"),
-                    {"model_config": asdict(model.cfg), "state": {k: v.cpu() for k, v in model.state_dict().items()},
-                     "class_names": class_names})
-    D.write_atomic(os.path.join(folder, D.tokenizer_filename(tok)), tok.save)
-    D.write_json(os.path.join(folder, "labels.json"), class_names)
+from checkpoints import (  # noqa: E402,F401  (re-exported: train.RUN_KEYS etc.)
+    RUN_KEYS, checkpoint_path, load_checkpoint, run_identity, save_checkpoint, save_model)
 
 
 def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict, tok, con,
