@@ -24,7 +24,9 @@ def save_checkpoint(path: str, ck: dict) -> None:
 # what --resume must find unchanged in a checkpoint (the masking settings decide the memory's contents)
 RUN_KEYS = ("seed", "phases", "first_phase", "memory_per_class", "memory_bytes", "keep_image", "keep_text",
             "image_mask", "mask_candidates", "smooth_image", "context_weight", "recombine", "token_mixup",
-            "mask_new", "replay", "val", "epochs", "batch_size", "lr")
+            "mask_new", "replay", "val", "epochs", "batch_size", "lr", "lowres", "herding")
+# a key added after checkpoints were first written: what a checkpoint without it was made with
+LATER_KEYS = {"lowres": 0, "herding": "full"}
 
 
 def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
@@ -45,7 +47,7 @@ def load_checkpoint(path: str, run: dict) -> dict:
     if old is None:
         raise SystemExit(f"error: checkpoint {path} was made by an older version; delete it to start over")
     for k, v in run.items():
-        if old.get(k) != v:
+        if old.get(k, LATER_KEYS.get(k)) != v:
             what = "the classes or their order" if k == "classes" else k
             shown = "" if k in ("classes", "towers") else f": {old.get(k)!r} there, {v!r} now"
             raise SystemExit(f"error: --resume: {path} was made with another {what}{shown}; resume with the same "

@@ -93,7 +93,12 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
         txt = feats[:, E:].to(dev) if model.use_text else None                         # classify re-normalises
         idx = torch.stack([exmask.keep_top(u, K) for u in noise]).to(dev)              # (C, n, K)
         kept = torch.cat([M.gather_tokens(x, i) for i in idx])                          # (C n, K, P)
-        emb = model.image(kept, idx.flatten(0, 1)).float()                              # (C n, E)
+        at = idx.flatten(0, 1)                                                         # (C n, K)
+        if cfg.lowres:   # judged as replayed: whole, the rest of the image from its thumbnail
+            p = model.cfg.vit.patch_size
+            kept = exmask.fill_lowres(exmask.thumbnail(x, p, cfg.lowres).repeat(len(idx), 1, 1, 1), kept, at, p, N)
+            at = M.all_patches(kept)
+        emb = model.image(kept, at).float()                                             # (C n, E)
         if rule == "class":
             s = model.classify(emb, txt.repeat(len(idx), 1)).float().log_softmax(-1)
             s = s.gather(1, labels.to(dev).repeat(len(idx))[:, None])[:, 0]
@@ -110,13 +115,15 @@ def signals(model: M.TwoTower, data: dict, rows: torch.Tensor, cfg) -> dict:
     attention rows (None for an unused tower). Small per row: token features are not kept."""
     model.eval()
     out = {"feats": [], "img_attn": [], "txt_attn": []}
+    L = data["ids"].shape[1]
     for r in rows.split(MASK_BATCH):
         x = data["patches"][r].to(cfg.device)
+        ids = exmask.trim_ids(data["ids"][r], model.cfg.text.pad_id)                 # (n, L') the padding skipped
         with autocast(cfg.device):
-            f, (ia, ta) = model.features(x, M.all_patches(x), data["ids"][r].to(cfg.device), aux=True)
+            f, (ia, ta) = model.features(x, M.all_patches(x), ids.to(cfg.device), aux=True)
         out["feats"].append(f.float().cpu())
         out["img_attn"].append(ia[0].float().cpu() if ia is not None else None)
-        out["txt_attn"].append(ta[0].float().cpu() if ta is not None else None)
+        out["txt_attn"].append(F.pad(ta[0].float().cpu(), (0, L - ids.shape[1])) if ta is not None else None)  # (n, L)
     return {k: torch.cat(v) if v and v[0] is not None else None for k, v in out.items()}
 
 
@@ -163,18 +170,42 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
     return {"keep_idx": torch.cat(keep_idx) if keep_idx else None, "keep": torch.cat(keep) if keep else None}
 
 
+@torch.no_grad()
+def masked_features(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, cfg) -> torch.Tensor:
+    """Fused features (n, F) of dataset rows `rows` as their masked exemplars (mask sets m, from
+    mask_sets) replay: the kept patches (with cfg.lowres, made whole from the thumbnail) and the
+    kept words, in batches of MASK_BATCH rows."""
+    model.eval()
+    dev, pad, p = cfg.device, model.cfg.text.pad_id, model.cfg.vit.patch_size
+    out = []
+    for part in torch.arange(len(rows)).split(MASK_BATCH):
+        x = data["patches"][rows[part]]
+        idx = M.all_patches(x) if m["keep_idx"] is None else m["keep_idx"][part]           # (n, K)
+        pix = M.gather_tokens(x, idx)
+        if cfg.lowres and m["keep_idx"] is not None:
+            pix, idx = exmask.fill_lowres(exmask.thumbnail(x, p, cfg.lowres), pix, idx, p, x.shape[1]), M.all_patches(x)
+        ids, pos = exmask.pack_tokens(data["ids"][rows[part]], None if m["keep"] is None else m["keep"][part], pad)
+        with autocast(dev):
+            out.append(model.features(pix.to(dev), idx.to(dev), ids.to(dev), pos.to(dev)).float().cpu())
+    return torch.cat(out)
+
+
 def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg,
                gen: torch.Generator, quota: int | None = None) -> tuple[dict, list]:
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
-    and its ablations. Herding stops once a class's exemplars fill `quota` bytes (the budget's share
+    and its ablations. Herding (cfg.herding "full": on the full samples' features; "masked": on
+    the masked exemplars', toward the full samples' class mean) stops once a class's exemplars fill `quota` bytes (the budget's share
     per class; None = keep all), the same cut Memory.add makes (memory.within_quota), and only the
     samples herding reaches are masked, a batch at a time. A masked exemplar keeps cfg.keep_image of
-    the patches, or more where the class has too few rows to fill its quota (exmask.fill_keep).
+    the patches, or more where the class has too few rows to fill its quota (exmask.fill_keep), and
+    with cfg.lowres its whole image at 1/cfg.lowres of its side (exmask.thumbnail).
     Also returns, for the picture, the first exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
     N, P = data["patches"].shape[1:]
     masked = method in MASKING and model.use_image
+    p = model.cfg.vit.patch_size
+    thumb_bytes = N * P // cfg.lowres ** 2 if masked and cfg.lowres else 0   # C * (S / lowres) ** 2
     for c in classes:
         rows = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
         K = exmask.keep_count(N, cfg.keep_image) if masked else N
@@ -182,21 +213,28 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
             caps = data["ids"][rows]
             text = int((caps != pad).sum(1).max()) * exmask.int_dtype(V).itemsize * model.use_text if len(rows) else 0
             bits = -(-N // 8) + (-(-caps.shape[1] // 8) if cfg.keep_text < 1 else 0)
-            K = exmask.fill_keep(len(rows), quota, N, P, text + bits + torch.int16.itemsize, K)
+            K = exmask.fill_keep(len(rows), quota, N, P, text + bits + thumb_bytes + torch.int16.itemsize, K)
         ccfg = replace(cfg, keep_image=K / N)          # this class's share: keep_count(N, K / N) == K
-        step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + 2) + 1))
+        step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + thumb_bytes + 2) + 1))
         sig = signals(model, data, rows, cfg)
         noise = draw_noise(len(rows), N, data["ids"].shape[1], gen, method, ccfg)
         first = []                                   # what the picture shows of this class
+        pre = None
+        if cfg.herding == "masked" and masked:       # every row masked first, herded as it will be stored
+            pre = mask_sets(model, data, rows, method, ccfg, noise, sig)
+            order = herd(masked_features(model, data, rows, pre, ccfg), target=sig["feats"])
+        else:
+            order = herd(sig["feats"])
 
         def herded():
-            order = herd(sig["feats"])
             while len(part := torch.tensor(list(itertools.islice(order, step)), dtype=torch.long)):
                 r = rows[part]
-                m = (mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in noise.items()},
+                m = ({k: None if v is None else v[part] for k, v in pre.items()} if pre is not None else
+                     mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in noise.items()},
                                {k: None if v is None else v[part] for k, v in sig.items()})
                      if method in MASKING else {"keep_idx": None, "keep": None})
                 patches, ids = data["patches"][r], data["ids"][r]
+                thumbs = exmask.thumbnail(patches, p, cfg.lowres) if thumb_bytes else [None] * len(part)
                 for j in range(len(part)):
                     ki, kt = (None if m[k] is None else m[k][j] for k in ("keep_idx", "keep"))
                     if not first:
@@ -204,7 +242,7 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
                                       "attn": None if sig["img_attn"] is None else sig["img_attn"][part[j]]})
                     # store nothing of a modality the model does not use
                     yield exmask.encode(patches[j] if model.use_image else None, ids[j] if model.use_text else None,
-                                        c, V, pad, ki, kt)
+                                        c, V, pad, ki, kt, thumbs[j])
 
         out[c] = within_quota(herded(), quota)
         if len(shown) < 4 and method in MASKING and out[c]:

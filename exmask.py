@@ -17,6 +17,8 @@ Randomness comes from a passed torch.Generator; tensors are made on the input's 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -118,6 +120,31 @@ def keep_text(scores: torch.Tensor, ids: torch.Tensor, pad_id: int, share: float
 
 # ----------------------------------------------------------------------------- storage
 
+def thumbnail(patches: torch.Tensor, p: int, factor: int) -> torch.Tensor:
+    """(n, N, C*p*p) uint8 patches of square images (patchify order) -> (n, C, S/factor, S/factor)
+    uint8: the whole image at 1/factor of its side S (the mean of each factor x factor block). A
+    low-resolution masked exemplar (--lowres, after CIM) stores it beside its kept patches."""
+    S = math.isqrt(patches.shape[1]) * p
+    if S % factor:
+        raise ValueError(f"lowres {factor} must divide the image side ({S} px)")
+    img = F.fold(patches.float().transpose(1, 2), S, p, stride=p)                 # (n, C, S, S)
+    return F.avg_pool2d(img, factor).round().to(torch.uint8)
+
+
+def fill_lowres(thumb: torch.Tensor, pixels: torch.Tensor, idx: torch.Tensor, p: int, n_patches: int,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """A low-resolution exemplar made whole: thumb (n, C, s, s) uint8 upsampled (bilinear) to the
+    image's side, with its kept full-resolution patches pixels (n, K, P) put back at their indices
+    idx (n, K) -> every patch (n, N, P) uint8, N = n_patches (patchify order). keep (n, K) bool:
+    which of the K are real (padding leaves its position's upsampled pixels), or None (all)."""
+    S = math.isqrt(n_patches) * p
+    up = F.interpolate(thumb.float(), size=(S, S), mode="bilinear", align_corners=False)   # (n, C, S, S)
+    full = F.unfold(up, p, stride=p).transpose(1, 2).round().clamp(0, 255).to(torch.uint8)  # (n, N, P)
+    at = idx.long()[..., None].expand(-1, -1, full.shape[2])                       # (n, K, P)
+    src = pixels.to(torch.uint8) if keep is None else torch.where(keep[..., None], pixels.to(torch.uint8), full.gather(1, at))
+    return full.scatter(1, at, src)
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """(N,) bool -> (ceil(N / 8),) uint8, bit j of byte i set where mask[8 i + j]: a kept set of
     positions in N / 8 bytes (a list of indices costs a byte or more per kept position)."""
@@ -136,12 +163,15 @@ def unpack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def encode(patches: torch.Tensor | None, ids: torch.Tensor | None, label: int, vocab_size: int, pad_id: int,
-           idx: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> dict:
+           idx: torch.Tensor | None = None, keep: torch.Tensor | None = None, thumb: torch.Tensor | None = None) -> dict:
     """One exemplar to store. patches (N, P) uint8, ids (L,) padded caption; None for a modality the
     model does not use (nothing of it is stored). idx (K,) kept patch indices or None (all kept:
     indices implied, not stored); keep (L,) bool kept tokens or None (all kept: positions implied).
-    Kept positions are stored as bit masks (pack_bits)."""
+    Kept positions are stored as bit masks (pack_bits). thumb (C, s, s) uint8: the whole image at a
+    lower resolution (thumbnail), stored beside the kept patches (--lowres), or None."""
     ex = {"label": torch.tensor(label, dtype=torch.int16)}
+    if thumb is not None and idx is not None:
+        ex["thumb"] = thumb.to(torch.uint8).clone()
     if patches is not None and idx is None:
         ex["pixels"] = patches.to(torch.uint8).clone()
     elif patches is not None:
@@ -181,16 +211,17 @@ def fill_keep(n_rows: int, quota: int | None, n_patches: int, patch_dim: int, ot
 
 
 def exemplar_bytes(n_patches: int, patch_dim: int, tokens: int, vocab_size: int, context: int,
-                   keep_image: float | None = None, keep_text: float | None = None) -> int:
+                   keep_image: float | None = None, keep_text: float | None = None, lowres: int = 0) -> int:
     """The bytes encode() stores for one exemplar whose caption has `tokens` real tokens (special ones
     included) in a row of `context`, counted without building it (to plan a budget before training).
     keep_image None: every patch, no bit mask (replay); a share: keep_count(n_patches, keep_image)
     patches and their bit mask (exmask, at any share). keep_text None or >= 1: the whole caption,
     no bit mask; below 1: the special tokens plus that share of the others (keep_text's rule) and
-    their bit mask."""
+    their bit mask. lowres > 0 (with a share): the thumbnail too, the image at 1/lowres of its side."""
     img = n_patches * patch_dim
     if keep_image is not None:
-        img = keep_count(n_patches, keep_image) * patch_dim + -(-n_patches // 8)
+        img = keep_count(n_patches, keep_image) * patch_dim + -(-n_patches // 8) + (n_patches * patch_dim // lowres ** 2
+                                                                                      if lowres else 0)
     kept, bits = tokens, 0
     if keep_text is not None and keep_text < 1:
         special = min(tokens, 2)
@@ -211,21 +242,36 @@ def pack_tokens(ids: torch.Tensor, keep: torch.Tensor | None, pad_id: int) -> tu
     return torch.where(kept, ids.gather(1, order), pad_id), torch.where(kept, order, 0)
 
 
-def collate(items: list[dict], pad_id: int, device="cpu") -> dict:
+def collate(items: list[dict], pad_id: int, device="cpu", n_patches: int = 0) -> dict:
     """Stored exemplars -> a replay batch: pixels (B, K, P) uint8, patch_idx (B, K), ids (B, L)
-    padded with pad_id, pos (B, L), labels (B,). All items must keep the same number of patches.
-    train.py collates the whole memory once a phase and takes its steps' rows from it (take)."""
+    padded with pad_id, pos (B, L), labels (B,). Where items keep different numbers of patches (the
+    fill rule gives a class with few rows more), K is the most and the batch also holds patch_keep
+    (B, K) bool, the real ones (the padding sits at positions its row did not keep, and is masked
+    out: models.TwoTower.forward_tokens). Low-resolution exemplars (with a "thumb") come back whole,
+    every one of the n_patches patches (fill_lowres). train.py collates the whole memory once a
+    phase and takes its steps' rows from it (take)."""
     B = len(items)
+    keep = None
     if "pixels" in items[0]:
-        pixels = torch.stack([ex["pixels"] for ex in items])                       # (B, K, P)
+        n = torch.tensor([len(ex["pixels"]) for ex in items])
+        pixels = torch.nn.utils.rnn.pad_sequence([ex["pixels"] for ex in items], batch_first=True)  # (B, K, P)
+        if bool((n != n[0]).any()):
+            keep = torch.arange(pixels.shape[1]) < n[:, None]                      # (B, K)
     else:                           # a text-only model stores no image: an empty stand-in
         pixels = torch.zeros(B, 0, 1, dtype=torch.uint8)
     K = pixels.shape[1]
     if "patch_bits" in items[0]:
-        kept = unpack_mask(torch.stack([ex["patch_bits"] for ex in items]))       # (B, N), K set per row
-        pidx = kept.nonzero()[:, 1].view(B, K)
+        kept = unpack_mask(torch.stack([ex["patch_bits"] for ex in items]))       # (B, 8 * bytes)
+        pidx = (~kept).to(torch.uint8).argsort(dim=1, stable=True)[:, :K]          # kept ones first, ascending
     else:
         pidx = torch.arange(K).expand(B, K)
+    if "thumb" in items[0]:         # low resolution (--lowres): made whole, every patch real
+        if not n_patches:
+            raise ValueError("collate: low-resolution exemplars need n_patches")
+        C = items[0]["thumb"].shape[0]
+        p = math.isqrt(pixels.shape[2] // C)
+        pixels = fill_lowres(torch.stack([ex["thumb"] for ex in items]), pixels, pidx, p, n_patches, keep)
+        pidx, keep, K = torch.arange(n_patches).expand(B, n_patches), None, n_patches
     if "ids" in items[0]:
         lens = torch.tensor([len(ex["ids"]) for ex in items])
         L = max(1, int(lens.max()))
@@ -241,7 +287,16 @@ def collate(items: list[dict], pad_id: int, device="cpu") -> dict:
     else:                           # an image-only model stores no caption: a pad token stands in
         ids, pos = torch.full((B, 1), pad_id, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long)
     labels = torch.stack([ex["label"].long() for ex in items])
-    return {k: v.to(device) for k, v in dict(pixels=pixels, patch_idx=pidx, ids=ids, pos=pos, labels=labels).items()}
+    out = dict(pixels=pixels, patch_idx=pidx, ids=ids, pos=pos, labels=labels)
+    if keep is not None:
+        out["patch_keep"] = keep
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def trim_ids(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Captions (B, L), each padded at its end with pad_id -> (B, L'), cut after the longest one (at
+    least 1 column): what the text tower computes is the same, on fewer positions."""
+    return ids[:, :max(1, int((ids != pad_id).sum(1).max())) if len(ids) else 1]
 
 
 def take(batch: dict, rows: torch.Tensor, pad_id: int, L: int | None = None) -> dict:
@@ -283,17 +338,28 @@ def token_mixup(a: dict, b: dict, lam: torch.Tensor, pad_id: int, generator: tor
     rand = lambda *shape: torch.rand(shape, generator=generator).to(dev)
     lam_eff, out = lam.float().to(dev), dict(a)
     if K:
+        # rows that keep fewer patches are padded (collate's patch_keep): padding is the last choice
+        real_a, real_b = a.get("patch_keep"), b.get("patch_keep")
+        ragged = real_a is not None
         k_a = (lam * K).round().long().clamp(0, K).to(dev)                            # (B,)
         # candidates in preference order: a's first k_a (random order), then b's, then the rest of a's
         take_a, take_b = rand(B, K).argsort(1), rand(B, K).argsort(1)                 # (B, K)
+        if ragged:   # real patches first, each in random order; k_a counts a's real ones
+            k_a = (lam.to(dev) * real_a.sum(1)).round().long()
+            take_a = (take_a.argsort(1) + K * ~real_a).argsort(1)
+            take_b = (take_b.argsort(1) + K * ~real_b).argsort(1)
         pix = torch.cat([a["pixels"].gather(1, take_a[..., None].expand(-1, -1, P)),
                          b["pixels"].gather(1, take_b[..., None].expand(-1, -1, P))], 1)   # (B, 2K, P)
         pidx = torch.cat([a["patch_idx"].gather(1, take_a), b["patch_idx"].gather(1, take_b)], 1)  # (B, 2K)
         j = torch.arange(K, device=dev)
         prio = torch.cat([torch.where(j[None] < k_a[:, None], 0, 2), torch.ones(B, K, dtype=torch.long, device=dev)], 1)
+        if ragged:
+            real = torch.cat([real_a.gather(1, take_a), real_b.gather(1, take_b)], 1)   # (B, 2K)
+            prio = torch.where(real, prio, 3)
         order = (prio * 2 * K + torch.arange(2 * K, device=dev)).argsort(1)           # (B, 2K), stable
         pidx, from_a = pidx.gather(1, order), order < K
-        # the first occurrence of each position survives; a alone has K distinct ones, so K always do
+        # the first occurrence of each position survives; a alone has K distinct ones (its padding
+        # sits at positions it did not keep), so K always do
         onehot = F.one_hot(pidx, int(pidx.max()) + 1)                                 # (B, 2K, N)
         first = (onehot.cumsum(1) * onehot).sum(-1) == 1                              # (B, 2K)
         rank = first.cumsum(1)
@@ -301,6 +367,11 @@ def token_mixup(a: dict, b: dict, lam: torch.Tensor, pad_id: int, generator: tor
         src_pos = order.gather(1, pick)                                                # into the 2K candidates
         out.update(pixels=pix.gather(1, src_pos[..., None].expand(-1, -1, P)), patch_idx=pidx.gather(1, pick))
         lam_eff = from_a.gather(1, pick).float().mean(1)                               # (B,)
+        if ragged:
+            kept = real.gather(1, src_pos)                                             # (B, K), by preference
+            kept &= kept.cumsum(1) <= real_a.sum(1, keepdim=True)                     # as many as a keeps
+            out["patch_keep"] = kept
+            lam_eff = (from_a.gather(1, pick) & kept).sum(1) / kept.sum(1).clamp(min=1)
     # text: a's pooling (first) and end (last) tokens stay; the content tokens are shared out by
     # lam_eff, a random share of a's and of b's, never two at one position
     ra, rb = a["ids"] != pad_id, b["ids"] != pad_id                                   # (B, La), (B, Lb)

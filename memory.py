@@ -14,12 +14,17 @@ import torch
 import exmask
 
 
-def herd(feats: torch.Tensor):
+# what a stored exemplar may hold (exmask.encode), as the checkpoint keeps it
+KEYS = ("label", "pixels", "patch_bits", "ids", "pos_bits", "thumb")
+
+
+def herd(feats: torch.Tensor, target: torch.Tensor | None = None):
     """iCaRL herding, lazily: feats (n, F) -> yields indices, each the one that brings the running
-    mean of those chosen closest to the class mean. Stop when the budget is full: the cost is one
-    pass over the class per exemplar taken, not per sample."""
+    mean of those chosen closest to the class mean (of target (n, F) where given: e.g. the full
+    samples', while feats are what their masked exemplars keep). Stop when the budget is full: the
+    cost is one pass over the class per exemplar taken, not per sample."""
     f = torch.nn.functional.normalize(feats.float(), dim=1)
-    mu = f.mean(0)
+    mu = f.mean(0) if target is None else torch.nn.functional.normalize(target.float(), dim=1).mean(0)
     acc = torch.zeros_like(mu)
     avail = torch.ones(len(f), dtype=torch.bool)
     for k in range(1, len(f) + 1):
@@ -99,20 +104,21 @@ class Memory:
         sd = {"per_class_bytes": self.per_class_bytes, "total_bytes": self.total_bytes,
               "unlimited": self.unlimited, "classes": list(self.classes), "counts": [len(v) for v in self.classes.values()]}
         flat = self.items()
-        for key in ("label", "pixels", "patch_bits", "ids", "pos_bits"):
+        for key in KEYS:
             have = [ex[key] for ex in flat if key in ex]
             if have:
                 sd[key] = torch.cat([t.reshape(-1) for t in have])
                 sd[key + "_len"] = torch.tensor([t.numel() for t in have])
         if flat and "pixels" in flat[0]:
             sd["pixel_dim"] = flat[0]["pixels"].shape[-1]
+        if flat and "thumb" in flat[0]:
+            sd["thumb_shape"] = list(flat[0]["thumb"].shape)
         return sd
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "Memory":
         mem = cls(sd["per_class_bytes"], sd["total_bytes"], sd["unlimited"])
-        parts = {k: list(sd[k].split(sd[k + "_len"].tolist())) for k in ("label", "pixels", "patch_bits", "ids", "pos_bits")
-                 if k in sd}
+        parts = {k: list(sd[k].split(sd[k + "_len"].tolist())) for k in KEYS if k in sd}
         i = 0
         for c, n in zip(sd["classes"], sd["counts"]):
             items = []
@@ -121,6 +127,8 @@ class Memory:
                 ex["label"] = ex["label"].reshape(())
                 if "pixels" in ex:
                     ex["pixels"] = ex["pixels"].reshape(-1, sd["pixel_dim"])
+                if "thumb" in ex:
+                    ex["thumb"] = ex["thumb"].reshape(sd["thumb_shape"])
                 items.append(ex)
                 i += 1
             mem.classes[c] = items

@@ -380,17 +380,21 @@ class AttentionPool(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), False, act)
 
-    def forward(self, x: torch.Tensor):
-        """x (B, N, D) -> pooled (B, D) and the probe's attention row (B, N), mean over heads."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None):
+        """x (B, N, D), keep None or a (B, N) bool key mask -> pooled (B, D) and the probe's
+        attention row (B, N), mean over heads."""
         B, N, D = x.shape
         H = self.heads
         q = self.q(self.latent.expand(B, -1, -1)).view(B, 1, H, D // H).transpose(1, 2)  # (B, H, 1, Dh)
         k, v = self.kv(x).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)             # (B, H, N, Dh)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        mask = None if keep is None else keep[:, None, None, :]                        # (B, 1, 1, N)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, 1, D)
         y = self.proj(y)
         y = y + self.mlp(self.norm(y))
-        a = ((q @ k.transpose(-1, -2)) / math.sqrt(D // H)).softmax(-1).mean(1)[:, 0]  # (B, N)
-        return y[:, 0], a
+        a = (q @ k.transpose(-1, -2)) / math.sqrt(D // H)                              # (B, H, 1, N)
+        if mask is not None:
+            a = a.masked_fill(~mask, float("-inf"))
+        return y[:, 0], a.softmax(-1).mean(1)[:, 0]                                    # (B, N)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D): each token through the pool as if the probe attended to it alone,
@@ -434,13 +438,15 @@ class ViT(nn.Module):
         self.register_buffer("chan_mean", torch.tensor(cfg.mean).view(3, 1, 1) * 255, persistent=False)
         self.register_buffer("chan_std", torch.tensor(cfg.std).view(3, 1, 1) * 255, persistent=False)
 
-    def forward(self, pixels: torch.Tensor, idx: torch.Tensor, aux: bool = False):
-        """pixels (B, K, 3*p*p) in 0..255 (any float or uint8), idx (B, K) patch indices.
-        Returns emb (B, E) and, with aux, (attention row over the K patches (B, K), tokens (B, K, E))."""
+    def forward(self, pixels: torch.Tensor, idx: torch.Tensor, aux: bool = False, keep: torch.Tensor | None = None):
+        """pixels (B, K, 3*p*p) in 0..255 (any float or uint8), idx (B, K) patch indices, keep None or
+        (B, K) bool: which of the K are real (rows that keep fewer patches are padded; the padding is
+        masked out of attention and pooling). Returns emb (B, E) and, with aux, (attention row over
+        the K patches (B, K), tokens (B, K, E))."""
         x = (pixels.to(self.pix_mean.dtype) - self.pix_mean) / self.pix_std
         x = with_ssf(self.patch_embed.proj, self.patch_embed.proj_ssf, x)         # (B, K, D)
         x = x + self.pos_embed[0, self.prefix:][idx]                              # keeps positions
-        return self.encode(x, aux)
+        return self.encode(x, aux, keep)
 
     def forward_images(self, images: torch.Tensor, aux: bool = False):
         """images (B, 3, S, S) in 0..255 -> the same outputs with every patch kept, through the
@@ -450,21 +456,23 @@ class ViT(nn.Module):
         x = self.patch_embed.proj_ssf(x) + self.pos_embed[:, self.prefix:]
         return self.encode(x, aux)
 
-    def encode(self, x: torch.Tensor, aux: bool = False):
-        """Embedded patches (B, K, D), positions added -> emb (B, E) [, aux]."""
+    def encode(self, x: torch.Tensor, aux: bool = False, keep: torch.Tensor | None = None):
+        """Embedded patches (B, K, D), positions added, keep None or (B, K) bool real patches -> emb (B, E) [, aux]."""
         if self.prefix:
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], 1)                                            # (B, 1+K, D)
+            if keep is not None:
+                keep = F.pad(keep, (1, 0), value=True)                            # (B, 1+K)
         if self.cfg.norm_pre:
             x = with_ssf(self.norm_pre, self.norm_pre_ssf, x)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            x, a = blk(x, row=aux and i == last and self.prefix == 1)
+            x, a = blk(x, keep, row=aux and i == last and self.prefix == 1)
         x = with_ssf(self.norm, self.norm_ssf, x)
         if self.prefix:
             pooled = x[:, 0]
         else:
-            pooled, a = self.attn_pool(x)
+            pooled, a = self.attn_pool(x, keep)
         emb = self.proj(pooled)
         if not aux:
             return emb
@@ -603,10 +611,11 @@ class TwoTower(nn.Module):
         """Pooled embeddings -> logits (B, C)."""
         return self.head(self.fuse(img_emb, txt_emb) * math.sqrt(self.feat_dim))
 
-    def forward_tokens(self, pixels, patch_idx, ids, pos=None):
+    def forward_tokens(self, pixels, patch_idx, ids, pos=None, patch_keep=None):
         """Logits (B, C) from kept image patches (B, K, 3*p*p) at patch_idx (B, K) and kept text
-        tokens ids (B, L) at positions pos (B, L)."""
-        return self.classify(self.image(pixels, patch_idx) if self.use_image else None,
+        tokens ids (B, L) at positions pos (B, L); patch_keep (B, K) bool marks the real patches
+        where rows keep different numbers of them (None: all real)."""
+        return self.classify(self.image(pixels, patch_idx, keep=patch_keep) if self.use_image else None,
                              self.text(ids, pos) if self.use_text else None)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

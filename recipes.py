@@ -267,19 +267,19 @@ def build_imagenet_r(root: str, out: str, captions: str = "", test_share: float 
 
 def budget_plan(classes: int, memory_per_class: float = 5.0, image_size: int = 224, patch: int = 16,
                 context: int = 64, vocab_size: int = 30522, keep_image: float = 0.1, keep_text: float = 1.0,
-                tokens: int = 0) -> dict:
+                tokens: int = 0, lowres: int = 0) -> dict:
     """What the memory of a protocol holds, without training, counted as train.py counts it: the
     budget's unit is one full exemplar at the longest caption (exmask.full_bytes), each class gets
     int(memory_per_class x unit) bytes, and an exemplar whose caption has `tokens` tokens (0 = the
     context: the fewest exemplars) costs exmask.exemplar_bytes, full for replay, masked for exmask.
     Defaults: ViT-B/16 at 224 px and a BERT-family text tower (all-MiniLM-L6-v2: 30,522 ids, the
-    64 positions train.py keeps)."""
+    64 positions train.py keeps). lowres: exmask's exemplars also store a thumbnail (--lowres)."""
     n, p = (image_size // patch) ** 2, 3 * patch * patch
     tokens = min(tokens or context, context)
     unit = exmask.full_bytes(n, p, context, vocab_size)
     quota = int(memory_per_class * unit)
     replay = exmask.exemplar_bytes(n, p, tokens, vocab_size, context)
-    masked = exmask.exemplar_bytes(n, p, tokens, vocab_size, context, keep_image, keep_text)
+    masked = exmask.exemplar_bytes(n, p, tokens, vocab_size, context, keep_image, keep_text, lowres)
     return {"classes": classes, "patches": n, "kept_patches": exmask.keep_count(n, keep_image), "tokens": tokens,
             "full_exemplar_bytes": unit, "class_bytes": quota, "budget_bytes": quota * classes,
             "replay_exemplar_bytes": replay, "exmask_exemplar_bytes": masked,
@@ -577,6 +577,7 @@ def main(argv=None) -> None:
     bd.add_argument("--vocab", type=int, default=30522, help="text vocabulary size (MiniLM/BERT: 30,522)")
     bd.add_argument("--keep-image", type=float, default=0.1, help="share of patches exmask keeps (train.py's default)")
     bd.add_argument("--keep-text", type=float, default=1.0, help="share of caption tokens exmask keeps (1 = whole)")
+    bd.add_argument("--lowres", type=int, default=0, help="exmask also stores each image at 1/LOWRES of its side (0 = no)")
     bd.add_argument("--tokens", type=int, default=0, help="tokens of a stored caption (0 = the context: fewest exemplars)")
     fk = sub.add_parser("fake", help="a generated manifest of JPEGs, for measuring data at scale")
     fk.add_argument("out", help="output folder (manifest.csv, images/)")
@@ -594,7 +595,7 @@ def main(argv=None) -> None:
         return
     if a.cmd == "budget":
         show_budget(budget_plan(a.classes, a.memory_per_class, a.image_size, a.patch, a.context, a.vocab,
-                                a.keep_image, a.keep_text, a.tokens))
+                                a.keep_image, a.keep_text, a.tokens, a.lowres))
         return
     if a.cmd == "fake":
         make_fake(a.out, a.n, a.size, a.classes, a.seed, a.workers)

@@ -407,3 +407,131 @@ def test_a_class_with_too_few_rows_keeps_more_patches_and_fills_its_quota(tmp_pa
         kept = {len(ex["pixels"]) for ex in big[0]}
         assert len(big[0]) == rows and len(kept) == 1 and K < kept.pop() <= 2 * K
         assert sum(exmask.nbytes(ex) for ex in big[0]) <= q
+
+
+def _ragged_items():
+    """Two exemplars of class 0 that keep 3 patches and one of class 1 that keeps 6 (the fill rule),
+    each with a caption: a memory whose rows keep different numbers of patches."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for c, k in ((0, 3), (0, 3), (1, 6)):
+        ids = torch.nn.functional.pad(torch.tensor([2, 5, 6, 3]), (0, 8))
+        items.append(exmask.encode(torch.randint(0, 255, (16, 48), generator=g).to(torch.uint8), ids, c, 50, 0,
+                                   idx=torch.randperm(16, generator=g)[:k].sort().values))
+    return items
+
+
+def test_a_memory_whose_rows_keep_different_numbers_of_patches_replays_each_as_stored():
+    """collate pads rows that keep fewer patches and masks the padding out: each row's logits equal
+    those of the row replayed alone (this crashed before: the fill rule gives classes different shares)."""
+    cfg = tiny_model_cfg()
+    torch.manual_seed(0)
+    model = M.TwoTower(cfg, 2).eval()
+    items = _ragged_items()
+    b = exmask.collate(items, 0)
+    assert b["pixels"].shape[1] == 6 and b["patch_keep"].sum(1).tolist() == [3, 3, 6]
+    for i in range(3):   # the padding sits at positions the row did not keep
+        real = b["patch_idx"][i][b["patch_keep"][i]]
+        assert torch.equal(real, exmask.unpack_bits(items[i]["patch_bits"]))
+        assert len(set(b["patch_idx"][i].tolist())) == 6
+    got = model.forward_tokens(b["pixels"], b["patch_idx"], b["ids"], b["pos"], b["patch_keep"])
+    for i, ex in enumerate(items):
+        one = exmask.collate([ex], 0)
+        assert "patch_keep" not in one
+        torch.testing.assert_close(got[i], model.forward_tokens(one["pixels"], one["patch_idx"], one["ids"], one["pos"])[0])
+    # SigLIP-style attention pooling masks the padding too
+    mp = M.TwoTower(tiny_model_cfg(vit=replace(cfg.vit, pool="map")), 2).eval()
+    got = mp.forward_tokens(b["pixels"], b["patch_idx"], b["ids"], b["pos"], b["patch_keep"])
+    one = exmask.collate([items[0]], 0)
+    torch.testing.assert_close(got[0], mp.forward_tokens(one["pixels"], one["patch_idx"], one["ids"], one["pos"])[0])
+    # token mixup takes only real patches, never two at one position
+    r = exmask.token_mixup(b, exmask.take(b, torch.tensor([2, 2, 0]), 0), torch.tensor([1.0, 0.5, 0.0]), 0,
+                           torch.Generator().manual_seed(0))
+    for i in range(3):
+        kept = r["patch_idx"][i][r["patch_keep"][i]].tolist()
+        assert len(kept) == len(set(kept))
+    assert sorted(r["patch_idx"][0][r["patch_keep"][0]].tolist()) == b["patch_idx"][0][:3].tolist()   # lam 1: a's own
+    # lam 0: all 3 of b's, and a (which keeps 6) fills the rest from its own: half and half
+    assert set(b["patch_idx"][0][:3].tolist()) <= set(r["patch_idx"][2][r["patch_keep"][2]].tolist())
+    assert r["patch_keep"][2].sum() == 6 and r["lam"][2] == 0.5
+
+
+def test_lowres_thumbnail_fills_the_dropped_patches_and_the_kept_ones_stay_sharp():
+    """exmask.thumbnail / fill_lowres: a flat image comes back exactly; kept patches are the original
+    pixels; the thumbnail's bytes are counted (exemplar_bytes) and a whole exemplar replays every patch."""
+    p, N = 4, 16                                                   # a 16 px image, 4 x 4 patches of 4 px
+    flat = torch.full((1, N, 3 * p * p), 77, dtype=torch.uint8)
+    th = exmask.thumbnail(flat, p, 4)
+    assert th.shape == (1, 3, 4, 4) and bool((th == 77).all())
+    assert torch.equal(exmask.fill_lowres(th, flat[:, :0], torch.zeros(1, 0, dtype=torch.long), p, N), flat)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, N, 3 * p * p), generator=g).to(torch.uint8)
+    idx = torch.tensor([[0, 5, 9], [1, 2, 15]])
+    full = exmask.fill_lowres(exmask.thumbnail(x, p, 2), M.gather_tokens(x, idx), idx, p, N)
+    assert full.shape == x.shape and torch.equal(M.gather_tokens(full, idx), M.gather_tokens(x, idx))
+    # the dropped patches are a blur of the image: closer to it than to another image
+    other = torch.roll(x, 1, 0)
+    assert (full.float() - x.float()).abs().mean() < (full.float() - other.float()).abs().mean()
+    with pytest.raises(ValueError, match="divide"):
+        exmask.thumbnail(x, p, 3)
+    ids = torch.nn.functional.pad(torch.tensor([2, 5, 3]), (0, 5))
+    ex = exmask.encode(x[0], ids, 1, 50, 0, idx=idx[0], thumb=exmask.thumbnail(x[:1], p, 2)[0])
+    assert exmask.nbytes(ex) == exmask.exemplar_bytes(N, 3 * p * p, 3, 50, 8, 3 / N, lowres=2)
+    b = exmask.collate([ex], 0, n_patches=N)
+    assert b["patch_idx"].tolist() == [list(range(N))] and torch.equal(b["pixels"][0], full[0])
+    with pytest.raises(ValueError, match="n_patches"):
+        exmask.collate([ex], 0)
+
+
+def test_lowres_runs_stay_in_budget_and_store_thumbnails(tmp_path):
+    """--lowres end to end: exmask and random-mask exemplars carry a thumbnail, fill their quota
+    within it, and replay; the option is recorded with the run."""
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask,random-mask", device="cpu", lowres=4, memory_per_class=3,
+                         synth=D.SynthConfig(n_classes=4, train_per_class=12, test_per_class=4))
+    res = T.train(cfg)
+    for r in res:
+        assert r["settings"]["lowres"] == 4 and r["memory"]["bytes_used"] <= r["memory"]["budget_bytes"]
+    ck = torch.load(os.path.join(cfg.out, "exmask", "checkpoint.pt"), weights_only=True)
+    from memory import Memory
+    items = Memory.from_state_dict(ck["memory"]).items()
+    assert items and all(ex["thumb"].shape == (3, 8, 8) for ex in items)          # 32 px at 1/4
+    with pytest.raises(SystemExit, match="lowres"):                                # resume refuses other settings
+        T.train(replace(cfg, lowres=2, resume=True, methods="exmask"))
+
+
+def test_masked_herding_keeps_the_same_masks_in_another_order(tmp_path):
+    """--herding masked: every row keeps the mask it would keep anyway (noise drawn up front), only
+    the order (which rows fill the quota) changes; herding toward a target picks first the row that
+    lies closest to the target's mean."""
+    import train as T
+    from memory import herd
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu")
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    full, _ = E.candidates(model, data, [0], "exmask", cfg, torch.Generator().manual_seed(0))
+    mcfg_ = replace(cfg, herding="masked")
+    mine, _ = E.candidates(model, data, [0], "exmask", mcfg_, torch.Generator().manual_seed(0))
+    key = lambda ex: (ex["pixels"].sum().item(), tuple(ex["patch_bits"].tolist()))
+    assert sorted(map(key, full[0])) == sorted(map(key, mine[0]))        # the same exemplars, all kept
+    assert list(map(key, full[0])) != list(map(key, mine[0]))            # in another order
+    # herd with a target: the first pick is the row whose own feature lies closest to the target mean
+    f = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    t = torch.randn(6, 4)
+    mu = torch.nn.functional.normalize(t, dim=1).mean(0)
+    assert next(herd(f, target=t)) == int(((f - mu) ** 2).sum(1).argmin())
+    with pytest.raises(ValueError, match="herding"):
+        replace(cfg, herding="sometimes")
+
+
+def test_a_total_byte_budget_trains_through_phases_whose_exemplars_keep_different_shares(tmp_path):
+    """--memory-bytes: each phase's per-class share shrinks, so the fill rule gives each phase's
+    exemplars another number of patches; from the third phase on, the memory replays rows of
+    different lengths together (this run stopped with a RuntimeError in collate before)."""
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", memory_bytes=60000, memory_per_class=0, phases=4)
+    r = T.train(cfg)[0]
+    kept = {s["mean_kept_patches"] for s in r["memory_per_phase"]}
+    assert len(kept) > 1 and r["memory"]["bytes_used"] <= 60000 and len(r["accuracy_matrix"]) == 4

@@ -233,6 +233,9 @@ def test_budget_plan_for_the_paper_protocol():
     assert b["kept_patches"] == 20 and b["replay_per_class"] == 5
     assert b["exmask_per_class"] == 5 * unit // (20 * 768 + 25 + 64 * 2 + 2) == 48
     assert R.budget_plan(101, tokens=20)["exmask_per_class"] >= b["exmask_per_class"]     # shorter captions: more
+    lo = R.budget_plan(200, lowres=4)                                  # a 56 x 56 thumbnail: 1/16 of the image more
+    assert lo["exmask_exemplar_bytes"] == b["exmask_exemplar_bytes"] + 3 * 56 * 56
+    assert lo["exmask_per_class"] < b["exmask_per_class"]
     small = R.budget_plan(10, memory_per_class=1, image_size=32, patch=4, context=24, vocab_size=700, keep_image=0.3,
                           keep_text=0.8)
     assert small["patches"] == 64 and small["kept_patches"] == 19 and small["replay_per_class"] == 1

@@ -55,10 +55,14 @@ class Config:
     keep_image: float = 0.1                 # share of image patches a masked exemplar keeps, at least: a class with
                                             # too few rows to fill its quota keeps more (exmask.fill_keep); chosen on
                                             # validation rows of the real-image set (10 % beat 15, 20, 30 and 50 %)
+    lowres: int = 0                         # > 0: a masked exemplar also stores its whole image at 1/lowres of its
+                                            # side, and replays whole, its kept patches sharp (after CIM); 0 = off
     keep_text: float = 1.0                  # share of caption tokens kept (special tokens always); 1 = the text
                                             # is stored whole: on short captions masking it cost accuracy
     image_mask: str = "feature"             # exmask's patch rule, one of IMAGE_MASKS (see image_keep); chosen
                                             # on validation rows of the real-image development set
+    herding: str = "full"                   # masked methods: herd on the full samples' features ("full") or on
+                                            # their masked exemplars', toward the full class mean ("masked")
     mask_candidates: int = 8                # random masks the "class" and "feature" rules choose from
     smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
@@ -105,6 +109,8 @@ class Config:
                 raise ValueError(f"{k} is a share and must lie in [0, 1], got {getattr(self, k)}")
         if self.memory_bytes < 0 or (not self.memory_bytes and self.memory_per_class <= 0):
             raise ValueError("the memory budget must be positive (--memory-per-class or --memory-bytes)")
+        if self.lowres < 0:
+            raise ValueError(f"lowres is a downscaling factor (2, 4, 8, ...; 0 = off), got {self.lowres}")
         if self.smooth_image < 1 or self.smooth_image % 2 == 0:
             raise ValueError(f"smooth_image must be an odd number of patches (1 = off), got {self.smooth_image}")
         if self.mask_candidates < 1:
@@ -113,6 +119,8 @@ class Config:
             raise ValueError(f"image_mask must be one of {', '.join(IMAGE_MASKS)}, got {self.image_mask!r}")
         if not 0 <= self.val < 1:
             raise ValueError(f"val is a share of the training rows and must lie in [0, 1), got {self.val}")
+        if self.herding not in ("full", "masked"):
+            raise ValueError(f"herding must be 'full' or 'masked', got {self.herding!r}")
         if self.replay not in ("epoch", "batch"):
             raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1 or self.new_phases < 1:
@@ -227,20 +235,19 @@ def evaluate(model: M.TwoTower, data: dict, phase_cls: list[list[int]], t: int, 
     """Accuracy (%) and sample count on the test data of each phase 0..t (None, 0 for a phase
     without test rows: only a continued run's old classes, without --eval-data)."""
     model.eval()
-    right, cnt = [], []
+    phase_of = torch.full((len(data["class_names"]),), -1, dtype=torch.long)   # each class's phase
     for j in range(t + 1):
-        sel = data["is_test"] & torch.isin(data["labels"], torch.tensor(phase_cls[j]))
-        idx = sel.nonzero().flatten()
-        correct = 0
-        for b in ranks.shard(idx).split(bs):     # under torchrun each process measures its share
-            x = data["patches"][b].to(device)
-            pidx = M.all_patches(x)
-            with autocast(device):
-                logits = model.forward_tokens(x, pidx, data["ids"][b].to(device))
-            correct += (logits.argmax(1).cpu() == data["labels"][b]).sum().item()
-        right.append(correct)
-        cnt.append(len(idx))
-    right = ranks.sum_ints(right)
+        phase_of[phase_cls[j]] = j
+    idx = (data["is_test"] & (phase_of[data["labels"]] >= 0)).nonzero().flatten()   # every phase's rows at once
+    right = torch.zeros(t + 1, dtype=torch.long)
+    for b in ranks.shard(idx).split(bs):         # under torchrun each process measures its share
+        x = data["patches"][b].to(device)
+        ids = exmask.trim_ids(data["ids"][b], model.cfg.text.pad_id)
+        with autocast(device):
+            logits = model.forward_tokens(x, M.all_patches(x), ids.to(device))
+        right.index_add_(0, phase_of[data["labels"][b]], (logits.argmax(1).cpu() == data["labels"][b]).long())
+    cnt = torch.bincount(phase_of[data["labels"][idx]], minlength=t + 1).tolist()
+    right = ranks.sum_ints(right.tolist())
     return [100.0 * c / n if n else None for c, n in zip(right, cnt)], cnt
 
 
@@ -255,13 +262,18 @@ def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
 
 
-def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int, device: str) -> dict:
+def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int, device: str,
+                 lowres: int = 0, p: int = 0) -> dict:
     """New-phase samples `rows` shown as masked exemplars (mask sets m, at positions sel), batched as
-    collate would batch them stored."""
+    collate would batch them stored (lowres: made whole from their thumbnails, patch size p)."""
     x = data["patches"][rows]
     pidx = M.all_patches(x) if m["keep_idx"] is None else m["keep_idx"][sel]          # (n, K) ascending
     ids, pos = exmask.pack_tokens(data["ids"][rows], None if m["keep"] is None else m["keep"][sel], pad)
-    b = {"pixels": M.gather_tokens(x, pidx), "patch_idx": pidx, "ids": ids, "pos": pos, "labels": data["labels"][rows]}
+    pixels = M.gather_tokens(x, pidx)
+    if lowres and m["keep_idx"] is not None:
+        pixels = exmask.fill_lowres(exmask.thumbnail(x, p, lowres), pixels, pidx, p, x.shape[1])
+        pidx = M.all_patches(x)
+    b = {"pixels": pixels, "patch_idx": pidx, "ids": ids, "pos": pos, "labels": data["labels"][rows]}
     return {k: to_device(v, device) for k, v in b.items()}
 
 
@@ -287,10 +299,10 @@ def replay_batch(bank: dict, rows: torch.Tensor, cfg: Config, method: str, pad: 
     return r
 
 
-def memory_bank(memory: Memory, pad: int, device: str) -> dict:
+def memory_bank(memory: Memory, pad: int, device: str, n_patches: int = 0) -> dict:
     """The whole memory collated once a phase, on the device: every step takes its rows from it.
     On the host: each row's caption length, and where its class's rows start and how many there are."""
-    batch = exmask.collate(memory.items(), pad)
+    batch = exmask.collate(memory.items(), pad, n_patches=n_patches)
     counts = torch.tensor([len(v) for v in memory.classes.values()])
     group = torch.repeat_interleave(torch.arange(len(counts)), counts)                 # (M,) class of each row
     return {"batch": {k: v.to(device) for k, v in batch.items()}, "lens": (batch["ids"] != pad).sum(1),
@@ -309,20 +321,21 @@ def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
 def new_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, device: str) -> torch.Tensor:
     """Cross-entropy of dataset rows `rows`, whole."""
     x = to_device(data["patches"][rows], device)
-    logits = model.forward_tokens(x, M.all_patches(x), to_device(data["ids"][rows], device))
+    ids = exmask.trim_ids(data["ids"][rows], model.cfg.text.pad_id)   # the text tower skips the padding
+    logits = model.forward_tokens(x, M.all_patches(x), to_device(ids, device))
     return F.cross_entropy(logits.float(), to_device(data["labels"][rows], device))
 
 
 def masked_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int,
-                device: str) -> torch.Tensor:
+                device: str, lowres: int = 0) -> torch.Tensor:
     """Cross-entropy of new-phase rows `rows` shown masked (see masked_batch)."""
-    nb = masked_batch(data, rows, m, sel, pad, device)
+    nb = masked_batch(data, rows, m, sel, pad, device, lowres, model.cfg.vit.patch_size)
     return F.cross_entropy(model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"]).float(), nb["labels"])
 
 
 def replay_loss(model: M.TwoTower, r: dict) -> torch.Tensor:
     """Mixup cross-entropy of a replay batch (replay_batch)."""
-    return mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"]).float(), r)
+    return mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"], r.get("patch_keep")).float(), r)
 
 
 def share(n_mine: int, n_all: int, loss_of, *args) -> torch.Tensor:
@@ -449,7 +462,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     device, pad = cfg.device, model.cfg.text.pad_id
     idx = (data["is_train"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
     n_mem = len(memory) if memory is not None else 0
-    bank = memory_bank(memory, pad, device) if n_mem else None
+    bank = memory_bank(memory, pad, device, model.cfg.vit.n_patches) if n_mem else None
     per_epoch, B, per_step = epoch_plan(len(idx), n_mem if cfg.replay == "epoch" else 0, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -487,7 +500,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                         if len(sel):
                             mine = ranks.shard(sel)
                             lm = share(len(mine), len(sel), masked_loss, model, data, idx[mine], masked_new, mine,
-                                       pad, device)
+                                       pad, device, cfg.lowres)
                             loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
                             n += len(sel)
                     rows = (order[s * per_step:(s + 1) * per_step] if cfg.replay == "epoch" else
@@ -545,7 +558,7 @@ def train(cfg: Config = Config()) -> list[dict]:
         for method in cfg.method_list:
             name = method if len(seeds) == 1 else f"{method}-seed{seed}"
             res, model = run_method(replace(scfg, out=os.path.join(cfg.out, name)), method, data, mcfg, state, tok, con)
-            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "keep_text", "image_mask", "mask_candidates", "smooth_image",
+            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "lowres", "herding", "keep_text", "image_mask", "mask_candidates", "smooth_image",
                                                              "context_weight", "val", "data",
                                                              "recombine", "token_mixup", "mask_new", "replay", "epochs", "memory_per_class",
                                                              "memory_bytes")}
@@ -643,10 +656,16 @@ def main(argv=None) -> None:
     p.add_argument("--clip", default=c.clip, help="CLIP or SigLIP checkpoint (Hugging Face folder, or OpenAI / open_clip "
                                                   "state dict) whose two towers replace both default towers")
     p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches a masked exemplar keeps (more where a class has too few rows to fill its bytes)")
+    p.add_argument("--lowres", type=int, default=c.lowres,
+                   help="a masked exemplar also stores its whole image at 1/LOWRES of its side, replayed whole with "
+                        "its kept patches sharp (after CIM; 0 = off)")
     p.add_argument("--keep-text", type=float, default=c.keep_text,
                    help="share of caption tokens a masked exemplar keeps (1 = whole; the paper's text mask: e.g. 0.8)")
     p.add_argument("--image-mask", default=c.image_mask, choices=IMAGE_MASKS,
                    help="how exmask picks the patches it keeps (paper-mask is the paper's plain rule)")
+    p.add_argument("--herding", default=c.herding, choices=["full", "masked"],
+                   help="masked methods choose exemplars by herding the full samples' features, or their masked "
+                        "exemplars' toward the full class mean")
     p.add_argument("--mask-candidates", type=int, default=c.mask_candidates,
                    help="random masks the feature and class rules choose the best of")
     p.add_argument("--val", type=float, default=c.val,
@@ -672,8 +691,8 @@ def main(argv=None) -> None:
                      memory_per_class=a.memory_per_class, memory_bytes=a.memory_bytes, seed=a.seed, seeds=a.seeds, epochs=a.epochs,
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
-                     vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, keep_text=a.keep_text,
-                     smooth_image=a.smooth_image, image_mask=a.image_mask, mask_candidates=a.mask_candidates, val=a.val,
+                     vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
+                     smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, mask_candidates=a.mask_candidates, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
