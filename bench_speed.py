@@ -323,7 +323,7 @@ def phase_loop(o, base=None) -> dict:
     K = exmask.keep_count(N, cfg.keep_image)
     g = torch.Generator().manual_seed(0)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-5)
+    opt = torch.optim.Adam(params, lr=1e-5, foreach=True)   # as train.train_phase
     amp = M.autocast(dev)
     model.train()
     step_ms, alone_s, shapes = {}, 0.0, []

@@ -211,9 +211,10 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
         K = exmask.keep_count(N, cfg.keep_image) if masked else N
         if masked:   # too few rows to fill the quota at that share: each keeps more patches (exmask.fill_keep)
             caps = data["ids"][rows]
-            text = int((caps != pad).sum(1).max()) * exmask.int_dtype(V).itemsize * model.use_text if len(rows) else 0
-            bits = -(-N // 8) + (-(-caps.shape[1] // 8) if cfg.keep_text < 1 else 0)
-            K = exmask.fill_keep(len(rows), quota, N, P, text + bits + thumb_bytes + torch.int16.itemsize, K)
+            longest = int((caps != pad).sum(1).max()) * model.use_text if len(rows) else 0
+            most = exmask.exemplar_bytes(N, P, longest, V, caps.shape[1], K / N,    # the class's largest exemplar
+                                         cfg.keep_text if model.use_text else None, cfg.lowres)
+            K = exmask.fill_keep(len(rows), quota, N, P, most - K * P, K)
         ccfg = replace(cfg, keep_image=K / N)          # this class's share: keep_count(N, K / N) == K
         step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + thumb_bytes + 2) + 1))
         sig = signals(model, data, rows, cfg)

@@ -465,7 +465,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     bank = memory_bank(memory, pad, device, model.cfg.vit.n_patches) if n_mem else None
     per_epoch, B, per_step = epoch_plan(len(idx), n_mem if cfg.replay == "epoch" else 0, cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)   # one op per step for all tensors (CPU defaults to a loop)
     steps = cfg.epochs * per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
