@@ -1,0 +1,103 @@
+"""One training step's batches and losses, as the phase loop (train.py) builds them: new samples whole
+(or shown masked, --mask-new), and replayed exemplars from the memory collated once a phase, diversified
+by mixup replay; each loss as one process of a torchrun job adds it. train.py re-exports every name."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import exmask
+import models as M
+from exemplars import MASKING
+from memory import Memory
+
+
+def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A host tensor to the device without waiting for the device (a copy from pageable memory
+    would): pinned, then asynchronous."""
+    return t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else t
+
+
+def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int, device: str,
+                 lowres: int = 0, p: int = 0) -> dict:
+    """New-phase samples `rows` shown as masked exemplars (mask sets m, at positions sel), batched as
+    collate would batch them stored (lowres: made whole from their thumbnails, patch size p)."""
+    x = data["patches"][rows]
+    pidx = M.all_patches(x) if m["keep_idx"] is None else m["keep_idx"][sel]          # (n, K) ascending
+    ids, pos = exmask.pack_tokens(data["ids"][rows], None if m["keep"] is None else m["keep"][sel], pad)
+    pixels = M.gather_tokens(x, pidx)
+    if lowres and m["keep_idx"] is not None:
+        pixels = exmask.fill_lowres(exmask.thumbnail(x, p, lowres), pixels, pidx, p, x.shape[1])
+        pidx = M.all_patches(x)
+    b = {"pixels": pixels, "patch_idx": pidx, "ids": ids, "pos": pos, "labels": data["labels"][rows]}
+    return {k: to_device(v, device) for k, v in b.items()}
+
+
+def replay_batch(bank: dict, rows: torch.Tensor, cfg, method: str, pad: int, gen: torch.Generator) -> dict:
+    """Exemplars `rows` (host) of the memory bank (memory_bank), batched on the device; for exmask and
+    its ablations, diversified by mixup replay (cfg: a train.Config)."""
+    B, dev = len(rows), cfg.device
+
+    def take(r: torch.Tensor) -> dict:   # the caption length from the host copy: no wait for the device
+        return exmask.take(bank["batch"], to_device(r, dev), pad, max(1, int(bank["lens"][r].max())))
+
+    r = take(rows)
+    if method in MASKING:
+        if cfg.recombine > 0:   # a random partner of the same class
+            partner = bank["starts"][rows] + (torch.rand(B, generator=gen) * bank["counts"][rows]).long()
+            which = torch.rand(B, generator=gen) < cfg.recombine
+            r = exmask.recombine(r, take(partner), to_device(which, dev), pad)
+        if cfg.token_mixup > 0:
+            other = torch.randint(len(bank["lens"]), (B,), generator=gen)
+            mixed = torch.rand(B, generator=gen) < cfg.token_mixup
+            lam = torch.where(mixed, torch.rand(B, generator=gen), torch.ones(B))
+            r = exmask.token_mixup(r, take(other), lam, pad, gen)
+    return r
+
+
+def memory_bank(memory: Memory, pad: int, device: str, n_patches: int = 0) -> dict:
+    """The whole memory collated once a phase, on the device: every step takes its rows from it.
+    On the host: each row's caption length, and where its class's rows start and how many there are."""
+    batch = exmask.collate(memory.items(), pad, n_patches=n_patches)
+    counts = torch.tensor([len(v) for v in memory.classes.values()])
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts)                 # (M,) class of each row
+    return {"batch": {k: v.to(device) for k, v in batch.items()}, "lens": (batch["ids"] != pad).sum(1),
+            "starts": (counts.cumsum(0) - counts)[group], "counts": counts[group]}
+
+
+def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
+    """Cross-entropy against lam * y_a + (1 - lam) * y_b (plain CE where there is no lam)."""
+    if "lam" not in r:
+        return F.cross_entropy(logits, r["labels"])
+    lam = r["lam"]
+    return (lam * F.cross_entropy(logits, r["labels"], reduction="none")
+            + (1 - lam) * F.cross_entropy(logits, r["labels_b"], reduction="none")).mean()
+
+
+def new_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, device: str) -> torch.Tensor:
+    """Cross-entropy of dataset rows `rows`, whole."""
+    x = to_device(data["patches"][rows], device)
+    ids = exmask.trim_ids(data["ids"][rows], model.cfg.text.pad_id)   # the text tower skips the padding
+    logits = model.forward_tokens(x, M.all_patches(x), to_device(ids, device))
+    return F.cross_entropy(logits.float(), to_device(data["labels"][rows], device))
+
+
+def masked_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int,
+                device: str, lowres: int = 0) -> torch.Tensor:
+    """Cross-entropy of new-phase rows `rows` shown masked (see masked_batch)."""
+    nb = masked_batch(data, rows, m, sel, pad, device, lowres, model.cfg.vit.patch_size)
+    return F.cross_entropy(model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"]).float(), nb["labels"])
+
+
+def replay_loss(model: M.TwoTower, r: dict) -> torch.Tensor:
+    """Mixup cross-entropy of a replay batch (replay_batch)."""
+    return mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"], r.get("patch_keep")).float(), r)
+
+
+def share(n_mine: int, n_all: int, loss_of, *args) -> torch.Tensor:
+    """A loss term as one process adds it: loss_of(*args), the mean over its n_mine of the step's
+    n_all rows, times its share of them, so that the processes' terms sum to the mean over all the
+    rows. One process (n_mine == n_all): the mean itself, untouched; no rows: a constant 0."""
+    if n_mine == n_all:
+        return loss_of(*args)
+    return loss_of(*args) * (n_mine / n_all) if n_mine else torch.zeros(())
