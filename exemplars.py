@@ -193,10 +193,11 @@ def masked_features(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, 
 def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg,
                gen: torch.Generator, quota: int | None = None) -> tuple[dict, list]:
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
-    and its ablations. Herding (cfg.herding "full": on the full samples' features; "masked": on
-    the masked exemplars', toward the full samples' class mean) stops once a class's exemplars fill `quota` bytes (the budget's share
-    per class; None = keep all), the same cut Memory.add makes (memory.within_quota), and only the
-    samples herding reaches are masked, a batch at a time. A masked exemplar keeps cfg.keep_image of
+    and its ablations. Herding (cfg.herding "full": on the full samples' features; "masked": on the
+    masked exemplars', toward the full samples' class mean) stops once a class's exemplars fill
+    `quota` bytes (the budget's share per class; None = keep all), the same cut Memory.add makes
+    (memory.within_quota), and (herding "full") only the samples herding reaches are masked, a batch
+    at a time. A masked exemplar keeps cfg.keep_image of
     the patches, or more where the class has too few rows to fill its quota (exmask.fill_keep), and
     with cfg.lowres its whole image at 1/cfg.lowres of its side (exmask.thumbnail).
     Also returns, for the picture, the first exemplar of up to 4 classes."""
