@@ -92,13 +92,10 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
         full = feats[:, :E].float().to(dev)                                            # (n, E) unit length
         txt = feats[:, E:].to(dev) if model.use_text else None                         # classify re-normalises
         idx = torch.stack([exmask.keep_top(u, K) for u in noise]).to(dev)              # (C, n, K)
-        kept = torch.cat([M.gather_tokens(x, i) for i in idx])                          # (C n, K, P)
-        at = idx.flatten(0, 1)                                                         # (C n, K)
-        if cfg.lowres:   # judged as replayed: whole, the rest of the image from its thumbnail
-            p = model.cfg.vit.patch_size
-            kept = exmask.fill_lowres(exmask.thumbnail(x, p, cfg.lowres).repeat(len(idx), 1, 1, 1), kept, at, p, N)
-            at = M.all_patches(kept)
-        emb = model.image(kept, at).float()                                             # (C n, E)
+        # each candidate as it would replay (with cfg.lowres: whole, the rest from its thumbnail)
+        v = exmask.masked_view(x.repeat(len(idx), 1, 1), None, idx.flatten(0, 1), None, 0,
+                               model.cfg.vit.patch_size, cfg.lowres)                   # (C n, K|N, P)
+        emb = model.image(v["pixels"], v["patch_idx"]).float()                          # (C n, E)
         if rule == "class":
             s = model.classify(emb, txt.repeat(len(idx), 1)).float().log_softmax(-1)
             s = s.gather(1, labels.to(dev).repeat(len(idx))[:, None])[:, 0]
@@ -176,17 +173,14 @@ def masked_features(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, 
     mask_sets) replay: the kept patches (with cfg.lowres, made whole from the thumbnail) and the
     kept words, in batches of MASK_BATCH rows."""
     model.eval()
-    dev, pad, p = cfg.device, model.cfg.text.pad_id, model.cfg.vit.patch_size
     out = []
     for part in torch.arange(len(rows)).split(MASK_BATCH):
-        x = data["patches"][rows[part]]
-        idx = M.all_patches(x) if m["keep_idx"] is None else m["keep_idx"][part]           # (n, K)
-        pix = M.gather_tokens(x, idx)
-        if cfg.lowres and m["keep_idx"] is not None:
-            pix, idx = exmask.fill_lowres(exmask.thumbnail(x, p, cfg.lowres), pix, idx, p, x.shape[1]), M.all_patches(x)
-        ids, pos = exmask.pack_tokens(data["ids"][rows[part]], None if m["keep"] is None else m["keep"][part], pad)
-        with autocast(dev):
-            out.append(model.features(pix.to(dev), idx.to(dev), ids.to(dev), pos.to(dev)).float().cpu())
+        v = exmask.masked_view(data["patches"][rows[part]], data["ids"][rows[part]],
+                               None if m["keep_idx"] is None else m["keep_idx"][part],
+                               None if m["keep"] is None else m["keep"][part], model.cfg.text.pad_id,
+                               model.cfg.vit.patch_size, cfg.lowres)
+        with autocast(cfg.device):
+            out.append(model.features(*(v[k].to(cfg.device) for k in ("pixels", "patch_idx", "ids", "pos"))).float().cpu())
     return torch.cat(out)
 
 
@@ -205,19 +199,21 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
     N, P = data["patches"].shape[1:]
     masked = method in MASKING and model.use_image
-    p = model.cfg.vit.patch_size
-    thumb_bytes = N * P // cfg.lowres ** 2 if masked and cfg.lowres else 0   # C * (S / lowres) ** 2
+    p, lowres = model.cfg.vit.patch_size, cfg.lowres if masked else 0
     for c in classes:
         rows = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
         K = exmask.keep_count(N, cfg.keep_image) if masked else N
+        one = K * P * model.use_image + 2              # an exemplar's bytes, about (exact for masked ones below)
         if masked:   # too few rows to fill the quota at that share: each keeps more patches (exmask.fill_keep)
             caps = data["ids"][rows]
             longest = int((caps != pad).sum(1).max()) * model.use_text if len(rows) else 0
             most = exmask.exemplar_bytes(N, P, longest, V, caps.shape[1], K / N,    # the class's largest exemplar
                                          cfg.keep_text if model.use_text else None, cfg.lowres)
-            K = exmask.fill_keep(len(rows), quota, N, P, most - K * P, K)
+            other = most - K * P                                                      # its bytes besides the patches
+            K = exmask.fill_keep(len(rows), quota, N, P, other, K)
+            one = other + K * P
         ccfg = replace(cfg, keep_image=K / N)          # this class's share: keep_count(N, K / N) == K
-        step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // (K * P * model.use_image + thumb_bytes + 2) + 1))
+        step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // one + 1))
         sig = signals(model, data, rows, cfg)
         noise = draw_noise(len(rows), N, data["ids"].shape[1], gen, method, ccfg)
         first = []                                   # what the picture shows of this class
@@ -236,7 +232,7 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
                                {k: None if v is None else v[part] for k, v in sig.items()})
                      if method in MASKING else {"keep_idx": None, "keep": None})
                 patches, ids = data["patches"][r], data["ids"][r]
-                thumbs = exmask.thumbnail(patches, p, cfg.lowres) if thumb_bytes else [None] * len(part)
+                thumbs = exmask.thumbnail(patches, p, lowres) if lowres else [None] * len(part)
                 for j in range(len(part)):
                     ki, kt = (None if m[k] is None else m[k][j] for k in ("keep_idx", "keep"))
                     if not first:

@@ -293,6 +293,24 @@ def collate(items: list[dict], pad_id: int, device="cpu", n_patches: int = 0) ->
     return {k: v.to(device) for k, v in out.items()}
 
 
+def masked_view(x: torch.Tensor, ids: torch.Tensor | None, keep_idx: torch.Tensor | None, keep: torch.Tensor | None,
+                pad_id: int, p: int = 0, lowres: int = 0) -> dict:
+    """Full samples seen as their masked exemplars replay (what collate gives for them stored), without
+    storing them: x (n, N, P) uint8 patches, ids (n, L) captions or None (image only); keep_idx (n, K)
+    kept patch indices or None (all), keep (n, L) kept tokens or None (all). With lowres (patch size
+    p) the dropped patches come from the thumbnail and every patch is returned. -> pixels (n, K|N, P),
+    patch_idx, and with ids, ids and pos (pack_tokens)."""
+    every = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)       # (n, N)
+    pidx = every if keep_idx is None else keep_idx.to(x.device)
+    pixels = torch.gather(x, 1, pidx[..., None].expand(-1, -1, x.shape[2]))        # (n, K, P)
+    if lowres and keep_idx is not None:
+        pixels, pidx = fill_lowres(thumbnail(x, p, lowres), pixels, pidx, p, x.shape[1]), every
+    out = {"pixels": pixels, "patch_idx": pidx}
+    if ids is not None:
+        out["ids"], out["pos"] = pack_tokens(ids, keep, pad_id)
+    return out
+
+
 def trim_ids(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Captions (B, L), each padded at its end with pad_id -> (B, L'), cut after the longest one (at
     least 1 column): what the text tower computes is the same, on fewer positions."""

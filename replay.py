@@ -22,14 +22,9 @@ def masked_batch(data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad
                  lowres: int = 0, p: int = 0) -> dict:
     """New-phase samples `rows` shown as masked exemplars (mask sets m, at positions sel), batched as
     collate would batch them stored (lowres: made whole from their thumbnails, patch size p)."""
-    x = data["patches"][rows]
-    pidx = M.all_patches(x) if m["keep_idx"] is None else m["keep_idx"][sel]          # (n, K) ascending
-    ids, pos = exmask.pack_tokens(data["ids"][rows], None if m["keep"] is None else m["keep"][sel], pad)
-    pixels = M.gather_tokens(x, pidx)
-    if lowres and m["keep_idx"] is not None:
-        pixels = exmask.fill_lowres(exmask.thumbnail(x, p, lowres), pixels, pidx, p, x.shape[1])
-        pidx = M.all_patches(x)
-    b = {"pixels": pixels, "patch_idx": pidx, "ids": ids, "pos": pos, "labels": data["labels"][rows]}
+    b = exmask.masked_view(data["patches"][rows], data["ids"][rows], None if m["keep_idx"] is None else m["keep_idx"][sel],
+                           None if m["keep"] is None else m["keep"][sel], pad, p, lowres)
+    b["labels"] = data["labels"][rows]
     return {k: to_device(v, device) for k, v in b.items()}
 
 

@@ -479,6 +479,8 @@ def test_lowres_thumbnail_fills_the_dropped_patches_and_the_kept_ones_stay_sharp
     assert exmask.nbytes(ex) == exmask.exemplar_bytes(N, 3 * p * p, 3, 50, 8, 3 / N, lowres=2)
     b = exmask.collate([ex], 0, n_patches=N)
     assert b["patch_idx"].tolist() == [list(range(N))] and torch.equal(b["pixels"][0], full[0])
+    v = exmask.masked_view(x[:1], ids[None], idx[:1], None, 0, p, 2)     # the same sample, not stored
+    assert torch.equal(v["pixels"], b["pixels"]) and torch.equal(v["patch_idx"], b["patch_idx"])
     with pytest.raises(ValueError, match="n_patches"):
         exmask.collate([ex], 0)
 
