@@ -12,6 +12,7 @@ import torch
 import data as D
 import models as M
 
+
 def checkpoint_path(out: str) -> str:
     return os.path.join(out, "checkpoint.pt")
 
@@ -25,8 +26,6 @@ def save_checkpoint(path: str, ck: dict) -> None:
 RUN_KEYS = ("seed", "phases", "first_phase", "memory_per_class", "memory_bytes", "keep_image", "keep_text",
             "image_mask", "mask_candidates", "smooth_image", "context_weight", "recombine", "token_mixup",
             "mask_new", "replay", "val", "epochs", "batch_size", "lr", "lowres", "herding")
-# a key added after checkpoints were first written: what a checkpoint without it was made with
-LATER_KEYS = {"lowres": 0, "herding": "full"}
 
 
 def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
@@ -35,9 +34,10 @@ def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
             "towers": json.loads(json.dumps(asdict(mcfg)))}
 
 
-def load_checkpoint(path: str, run: dict) -> dict:
+def load_checkpoint(path: str, run: dict, defaults: dict | None = None) -> dict:
     """A checkpoint to resume from, refused (one error line) where it is unreadable or was made with
-    other settings than `run` (run_identity), saying which."""
+    other settings than `run` (run_identity), saying which. defaults: each setting's default, what a
+    checkpoint written before that setting existed was made with."""
     try:
         ck = torch.load(path, weights_only=True)
     except Exception as e:   # truncated, corrupt, or not ours: say how to start over
@@ -47,7 +47,7 @@ def load_checkpoint(path: str, run: dict) -> dict:
     if old is None:
         raise SystemExit(f"error: checkpoint {path} was made by an older version; delete it to start over")
     for k, v in run.items():
-        if old.get(k, LATER_KEYS.get(k)) != v:
+        if old.get(k, (defaults or {}).get(k)) != v:
             what = "the classes or their order" if k == "classes" else k
             shown = "" if k in ("classes", "towers") else f": {old.get(k)!r} there, {v!r} now"
             raise SystemExit(f"error: --resume: {path} was made with another {what}{shown}; resume with the same "

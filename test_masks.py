@@ -537,3 +537,18 @@ def test_a_total_byte_budget_trains_through_phases_whose_exemplars_keep_differen
     r = T.train(cfg)[0]
     kept = {s["mean_kept_patches"] for s in r["memory_per_phase"]}
     assert len(kept) > 1 and r["memory"]["bytes_used"] <= 60000 and len(r["accuracy_matrix"]) == 4
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """load_checkpoint: a setting the checkpoint does not name (written before it existed) counts as its
+    default, so such a run resumes; any other value is refused, by name."""
+    import checkpoints as C
+    import train as T
+    run = {"method": "exmask", "seed": 0, "lowres": 0, "herding": "full"}
+    old = {k: v for k, v in run.items() if k not in ("lowres", "herding")}
+    path = str(tmp_path / "checkpoint.pt")
+    C.save_checkpoint(path, {"run": old})
+    defaults = {k: getattr(T.Config(), k) for k in C.RUN_KEYS}
+    assert C.load_checkpoint(path, run, defaults)["run"] == old
+    with pytest.raises(SystemExit, match="lowres"):
+        C.load_checkpoint(path, dict(run, lowres=2), defaults)

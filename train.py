@@ -290,7 +290,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
     R, counts, secs, mem_stats, start = [], [], [], [], 0
     ck_path = checkpoint_path(cfg.out)   # cfg.out: this method's own folder
     run = run_identity(cfg, method, data, mcfg)
-    ck = load_checkpoint(ck_path, run) if cfg.resume and os.path.exists(ck_path) else start_from
+    ck = (load_checkpoint(ck_path, run, {k: getattr(Config(), k) for k in RUN_KEYS})
+          if cfg.resume and os.path.exists(ck_path) else start_from)
     if ck is not None:
         model.grow(ck["n_classes"])
         model.load_state_dict(ck["trainable"], strict=False)
