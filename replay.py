@@ -69,24 +69,42 @@ def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
             + (1 - lam) * F.cross_entropy(logits, r["labels_b"], reduction="none")).mean()
 
 
-def new_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, device: str) -> torch.Tensor:
+def logit_prior(counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """(C,) tau * log of each class's share of what a phase trains on, from counts (C,): how often
+    each seen class is shown per epoch (a class never shown counts as shown once). Added to the
+    logits of every training loss (the adjust of the losses below), so that the classifier learns
+    the class-balanced posterior instead of the skewed one of new rows against a few exemplars, and
+    evaluated without it: logit adjustment (Menon et al., 2021). tau = 0 gives zeros."""
+    c = counts.float().clamp(min=1)
+    return tau * (c / c.sum()).log()
+
+
+def adjusted(logits: torch.Tensor, adjust: torch.Tensor | None) -> torch.Tensor:
+    """Logits in fp32, with the training-time prior (logit_prior) added where there is one."""
+    return logits.float() if adjust is None else logits.float() + adjust
+
+
+def new_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, device: str,
+             adjust: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of dataset rows `rows`, whole."""
     x = to_device(data["patches"][rows], device)
     ids = exmask.trim_ids(data["ids"][rows], model.cfg.text.pad_id)   # the text tower skips the padding
     logits = model.forward_tokens(x, M.all_patches(x), to_device(ids, device))
-    return F.cross_entropy(logits.float(), to_device(data["labels"][rows], device))
+    return F.cross_entropy(adjusted(logits, adjust), to_device(data["labels"][rows], device))
 
 
 def masked_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int,
-                device: str, lowres: int = 0) -> torch.Tensor:
+                device: str, lowres: int = 0, adjust: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of new-phase rows `rows` shown masked (see masked_batch)."""
     nb = masked_batch(data, rows, m, sel, pad, device, lowres, model.cfg.vit.patch_size)
-    return F.cross_entropy(model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"]).float(), nb["labels"])
+    logits = model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"])
+    return F.cross_entropy(adjusted(logits, adjust), nb["labels"])
 
 
-def replay_loss(model: M.TwoTower, r: dict) -> torch.Tensor:
+def replay_loss(model: M.TwoTower, r: dict, adjust: torch.Tensor | None = None) -> torch.Tensor:
     """Mixup cross-entropy of a replay batch (replay_batch)."""
-    return mixed_ce(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"], r.get("patch_keep")).float(), r)
+    return mixed_ce(adjusted(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"], r.get("patch_keep")),
+                             adjust), r)
 
 
 def share(n_mine: int, n_all: int, loss_of, *args) -> torch.Tensor:

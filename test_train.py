@@ -141,3 +141,38 @@ def test_every_ablation_runs_over_seeds(tmp_path):
     assert by["text-mask"]["memory"]["mean_kept_tokens"] < by["image-mask"]["memory"]["mean_kept_tokens"]
     rows = summarize(results)
     assert len(rows) == n and all(r["runs"] == 2 for r in rows)
+
+
+def test_logit_prior_is_the_log_share_of_each_class():
+    from replay import logit_prior, new_loss
+    counts = torch.tensor([30.0, 10.0, 0.0])                 # a class never shown counts as shown once
+    assert torch.allclose(logit_prior(counts, 1.0), torch.log(torch.tensor([30.0, 10.0, 1.0]) / 41))
+    assert torch.allclose(logit_prior(counts, 0.5), 0.5 * logit_prior(counts, 1.0))
+    assert torch.equal(logit_prior(counts, 0.0), torch.zeros(3))
+    # softmax(logits + prior) of a head that says nothing (equal logits) is the training prior itself:
+    # the head is left to learn only what the prior does not explain
+    p = torch.softmax(torch.zeros(3) + logit_prior(counts, 1.0), 0)
+    assert torch.allclose(p, torch.tensor([30.0, 10.0, 1.0]) / 41)
+
+
+def test_logit_adjust_counts_new_rows_and_exemplars_per_class(tmp_path, monkeypatch):
+    """Phase 2 of a replay run: each new class is shown its 8 training rows an epoch, each old class its
+    stored exemplars; the losses get the prior, evaluation does not."""
+    import train as T
+    seen, real = [], T.logit_prior
+
+    def spy(counts, tau):
+        seen.append((counts.clone(), tau))
+        return real(counts, tau)
+
+    monkeypatch.setattr(T, "logit_prior", spy)
+    res = T.train(tiny_train_cfg(tmp_path, methods="replay", logit_adjust=0.7))[0]
+    assert [tau for _, tau in seen] == [0.7, 0.7]
+    first, second = seen[0][0], seen[1][0]
+    assert first.tolist() == [8.0, 8.0]                       # phase 1: two new classes of 8 rows
+    assert second[2:].tolist() == [8.0, 8.0] and second[:2].tolist() == [res["memory"]["exemplars_per_class"]] * 2
+    assert res["settings"]["logit_adjust"] == 0.7
+    base = T.train(tiny_train_cfg(tmp_path / "b", methods="replay"))[0]
+    assert base["settings"]["logit_adjust"] == 0.0 and base["accuracy_matrix"] != res["accuracy_matrix"]
+    with pytest.raises(ValueError, match="logit_adjust"):
+        T.Config(logit_adjust=-1)

@@ -69,6 +69,9 @@ class Config:
     recombine: float = 0.0                  # share of replayed exemplars given a same-class partner's text
     token_mixup: float = 0.0                # share of replayed exemplars token-mixed with another exemplar
     mask_new: float = 0.0                   # share of new samples also shown masked (exmask family)
+    logit_adjust: float = 0.0               # > 0: while training, every logit is shifted by this times the log of
+                                            # its class's share of the phase's rows (replay.logit_prior), so that
+                                            # many new rows against few exemplars do not bias the head; 0 = off
     replay: str = "epoch"                   # "epoch": every exemplar once per epoch beside the new data (iCaRL);
                                             # "batch": a batch of batch_size exemplars drawn each step
     val: float = 0.0                        # > 0: carve this share of each class's training rows as a validation
@@ -104,6 +107,8 @@ class Config:
         bad = [m for m in self.method_list if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        if self.logit_adjust < 0:
+            raise ValueError(f"logit_adjust scales a log prior and must be 0 (off) or more, got {self.logit_adjust}")
         for k in ("keep_image", "keep_text", "recombine", "token_mixup", "mask_new"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ValueError(f"{k} is a share and must lie in [0, 1], got {getattr(self, k)}")
@@ -257,7 +262,8 @@ REPLAY_MAX = 256        # most exemplars replayed in one step (epoch mode); a la
 
 
 from replay import (  # noqa: E402,F401  (re-exported: tests and benchmarks patch train.replay_batch etc.)
-    masked_batch, masked_loss, memory_bank, mixed_ce, new_loss, replay_batch, replay_loss, share, to_device)
+    logit_prior, masked_batch, masked_loss, memory_bank, mixed_ce, new_loss, replay_batch, replay_loss, share,
+    to_device)
 
 
 # ----------------------------------------------------------------------------- one method
@@ -391,6 +397,14 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
         # under torchrun: masked once, by the first process (every process draws the noise, so that
         # all of them go on drawing the same numbers from gen)
         masked_new = ranks.broadcast(mask_sets(model, data, idx, method, cfg, noise) if ranks.is_main() else None)
+    adjust = None
+    if cfg.logit_adjust > 0:   # how often each seen class is shown per epoch: new rows (and their masked views), exemplars
+        shown = torch.bincount(data["labels"][idx], minlength=model.n_classes).float()
+        shown *= 1 + (cfg.mask_new if masked_new is not None else 0)
+        if n_mem:
+            kept = torch.tensor([len(memory.classes.get(c, ())) for c in range(model.n_classes)], dtype=torch.float)
+            shown += kept if cfg.replay == "epoch" else kept * (per_epoch * cfg.batch_size / n_mem)
+        adjust = to_device(logit_prior(shown, cfg.logit_adjust), device)
     model.train()
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
@@ -408,20 +422,20 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                 with autocast(device):
                     if len(b):
                         mine = ranks.shard(b)
-                        loss, n = share(len(mine), len(b), new_loss, model, data, mine, device), len(b)
+                        loss, n = share(len(mine), len(b), new_loss, model, data, mine, device, adjust), len(b)
                     if masked_new is not None:
                         sel = p[torch.rand(len(p), generator=gen) < cfg.mask_new]
                         if len(sel):
                             mine = ranks.shard(sel)
                             lm = share(len(mine), len(sel), masked_loss, model, data, idx[mine], masked_new, mine,
-                                       pad, device, cfg.lowres)
+                                       pad, device, cfg.lowres, adjust)
                             loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
                             n += len(sel)
                     rows = (order[s * per_step:(s + 1) * per_step] if cfg.replay == "epoch" else
                             torch.randint(n_mem, (cfg.batch_size,), generator=gen) if n_mem else order)
                     if len(rows):
                         r = ranks.shard_batch(replay_batch(bank, rows, cfg, method, pad, gen))
-                        lr_ = share(len(r["labels"]), len(rows), replay_loss, model, r)
+                        lr_ = share(len(r["labels"]), len(rows), replay_loss, model, r, adjust)
                         if loss is None:
                             loss = lr_
                         elif cfg.replay == "batch":   # old and new weigh the same, whatever their numbers
@@ -472,10 +486,7 @@ def train(cfg: Config = Config()) -> list[dict]:
         for method in cfg.method_list:
             name = method if len(seeds) == 1 else f"{method}-seed{seed}"
             res, model = run_method(replace(scfg, out=os.path.join(cfg.out, name)), method, data, mcfg, state, tok, con)
-            res["settings"] = {k: getattr(cfg, k) for k in ("keep_image", "lowres", "herding", "keep_text", "image_mask", "mask_candidates", "smooth_image",
-                                                             "context_weight", "val", "data",
-                                                             "recombine", "token_mixup", "mask_new", "replay", "epochs", "memory_per_class",
-                                                             "memory_bytes")}
+            res["settings"] = {**{k: getattr(scfg, k) for k in RUN_KEYS}, "data": cfg.data}   # what a resume must match, and the data
             res["eval_split"] = "val" if cfg.val else "test"
             results.append(res)
             if not ranks.is_main():
@@ -591,6 +602,9 @@ def main(argv=None) -> None:
     p.add_argument("--replay", default=c.replay, choices=["epoch", "batch"],
                    help="epoch: every exemplar once per epoch beside the new data; batch: batch-size exemplars per step")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
+    p.add_argument("--logit-adjust", type=float, default=c.logit_adjust,
+                   help="train with each logit shifted by this times the log of its class's share of the phase's "
+                        "rows (logit adjustment against the new classes' many rows; 0 = off)")
     p.add_argument("--continue", dest="continue_from", metavar="RUN_DIR", default=c.continue_from,
                    help="learn --data's new classes after this finished run (its settings and memory); see extend.py")
     p.add_argument("--dist-timeout", type=float, default=c.dist_timeout,
@@ -607,7 +621,7 @@ def main(argv=None) -> None:
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, mask_candidates=a.mask_candidates, val=a.val,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, replay=a.replay,
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, logit_adjust=a.logit_adjust, replay=a.replay,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
         p.error(str(e))
