@@ -4,6 +4,7 @@
     python bench.py --only onnx_latency --threads 1  # one of them
     python bench.py --only data_scale --scale-dir DIR   # start-up at 5,000 and 50,000 images (~9 GB in DIR)
     python bench.py --run runs/default/exmask        # a trained run instead of the default model
+    python bench.py --only masked_test --run RUN/exmask [--data D]   # has the run learned "masked = old class"?
     python bench.py --only model_speed --device cuda --compile   # ViT-B/16 vs timm, steps, matmul limit
     python bench.py --only model_speed --only phase_loop --device cuda   # issue 9's GPU figures, one JSON
 
@@ -53,7 +54,7 @@ class Opts:
     steps: int = 0         # model_speed: timed calls per row after the warmup (0 = 10 on cuda, 3 on cpu)
     compile: bool = False  # model_speed: also the training steps under torch.compile(dynamic=True)
     vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
-    data: str = ""         # mask_precision: a manifest with object masks; "" = the embedded data
+    data: str = ""         # mask_precision (a manifest with object masks), masked_test; "" = the embedded data
     sizes: tuple = (5000, 50000)  # data_scale: manifest sizes (images)
     scale_dir: str = os.path.join(tempfile.gettempdir(), "exmask-scale")  # data_scale: manifests and caches
     scale_steps: int = 0   # data_scale: ViT-B/16 training steps after the largest warm start-up (0 = none)
@@ -247,9 +248,57 @@ def mask_precision(o: Opts) -> dict:
     return res
 
 
+@torch.no_grad()
+def masked_test(o: Opts) -> dict:
+    """Has a trained run (--run: train.py's <out>/<method>, on the default towers) learned that a
+    masked image means an old class? Its test rows of --data (the embedded data by default), each
+    image whole and shown as a masked exemplar would be (K random patches: the default share and
+    twice it): accuracy on the classes of the phases before the last ("old") and of the last phase,
+    and the share of old classes' rows it puts in a last-phase class. Old exemplars are replayed
+    masked and new rows seen whole, so a model that took that cue scores its old classes well
+    masked, badly whole, and sends their whole test images to the newest classes."""
+    import exmask
+    from export import load_model
+    from towers import default_backbone
+    from train import Config, Patches, console, read_data
+    if not o.run:
+        raise SystemExit("error: masked_test needs --run, a trained method folder (train.py's <out>/<method>)")
+    torch.set_num_threads(o.threads or torch.get_num_threads())
+    model, names = load_model(o.run)
+    cfg = Config(quiet=True, data=o.data, device="cpu")
+    mcfg, _, tok = default_backbone(cfg, "cpu", console(cfg))
+    if model.cfg.vit != mcfg.vit or model.cfg.text.context != mcfg.text.context:
+        raise SystemExit("error: masked_test reads runs on the default towers (their tokenizer and image size)")
+    tok = D.load_tokenizer(o.run) if any(os.path.exists(os.path.join(o.run, f)) for f in D.TOKENIZER_FILES) else tok
+    per_phase = torch.load(os.path.join(o.run, "checkpoint.pt"), map_location="cpu", weights_only=True)["classes_per_phase"]
+    raw = read_data(cfg, mcfg.vit.image_size)
+    where = {n: i for i, n in enumerate(names)}
+    if set(raw["class_names"]) != set(where):
+        raise SystemExit(f"error: {o.run} was trained on other classes than those of {o.data or 'the embedded data'}")
+    label = torch.tensor([where[n] for n in raw["class_names"]])[raw["labels"]]       # the run's class index
+    te = raw["is_test"].nonzero().flatten()
+    patches, ids = Patches(raw["images"], mcfg.vit.patch_size), D.encode_texts(tok, raw["texts"], mcfg.text.context)
+    N, first_new = patches.shape[1], len(names) - per_phase[-1]
+    K0 = exmask.keep_count(N, cfg.keep_image)
+    gen = torch.Generator().manual_seed(0)
+    res = {"data": o.data or "embedded", "run": o.run, "test_rows": len(te), "last_phase_classes": per_phase[-1], "rows": []}
+    for K in (N, K0, 2 * K0):
+        pred = []
+        for b in te.split(256):
+            x = patches[b]
+            idx = M.all_patches(x) if K == N else exmask.keep_top(torch.rand(len(b), N, generator=gen), K)
+            pred.append(model.forward_tokens(M.gather_tokens(x, idx), idx, exmask.trim_ids(ids[b], mcfg.text.pad_id)).argmax(1))
+        pred, y = torch.cat(pred), label[te]
+        old = y < first_new
+        res["rows"].append({"kept_patches": K, "old_class_accuracy": 100 * (pred == y)[old].float().mean().item(),
+                            "last_phase_accuracy": 100 * (pred == y)[~old].float().mean().item(),
+                            "old_rows_put_in_last_phase": 100 * (pred[old] >= first_new).float().mean().item()})
+    return res
+
+
 BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency, "replay_cost": replay_cost,
-              "mask_precision": mask_precision, "model_speed": model_speed, "phase_loop": phase_loop,
-              "data_scale": data_scale}
+              "mask_precision": mask_precision, "masked_test": masked_test, "model_speed": model_speed,
+              "phase_loop": phase_loop, "data_scale": data_scale}
 
 
 # ----------------------------------------------------------------------------- report
@@ -294,6 +343,13 @@ def show(name: str, res: dict) -> None:
         print(f"  {'rule':>8} {'on object':>10} {'fidelity':>9}")
         for rule, r in res["rules"].items():
             print(f"  {rule:>8} {100 * r['on_object']:>9.1f}% {r['fidelity']:>9.3f}")
+    elif name == "masked_test":
+        print(f"masked_test ({res['run']} on {res['data']}, {res['test_rows']} test rows; old = classes before "
+              f"the last phase's {res['last_phase_classes']})")
+        print(f"  {'patches':>7} {'old acc':>8} {'last-phase acc':>14} {'old put in last phase':>21}")
+        for r in res["rows"]:
+            print(f"  {r['kept_patches']:>7} {r['old_class_accuracy']:>7.1f}% {r['last_phase_accuracy']:>13.1f}% "
+                  f"{r['old_rows_put_in_last_phase']:>20.1f}%")
     elif name == "data_scale":
         steps = [(row["images"], row["warm"]) for row in res["rows"] if "train_steps" in row["warm"]]
         print(f"data_scale ({res['image_size']} px; start-up = read_data + prepare; peak: proportional memory of "
@@ -327,7 +383,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=o.steps, help="model_speed: timed calls per row (0 = 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true", help="model_speed: also the compiled training steps")
     p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
-    p.add_argument("--data", default=o.data, help="mask_precision: a manifest with object masks (default: embedded)")
+    p.add_argument("--data", default=o.data, help="mask_precision (a manifest with object masks), masked_test: the data (default: embedded)")
     p.add_argument("--sizes", default=",".join(map(str, o.sizes)), help="data_scale: manifest sizes, comma-separated")
     p.add_argument("--scale-dir", default=o.scale_dir, help="data_scale: where the manifests and caches go (GBs)")
     p.add_argument("--scale-steps", type=int, default=o.scale_steps, help="data_scale: ViT-B/16 training steps after start-up")
@@ -340,7 +396,8 @@ def main(argv=None) -> None:
         with open(a.out) as f:
             report = json.load(f)
     report["machine"] = machine()
-    for name in a.only or [n for n in BENCHMARKS if n != "data_scale"]:   # it writes gigabytes: ask for it
+    # data_scale writes gigabytes: ask for it; masked_test reads a trained run: with --run
+    for name in a.only or [n for n in BENCHMARKS if n != "data_scale" and (n != "masked_test" or a.run)]:
         res = BENCHMARKS[name](opts)
         report["results"][name] = res
         show(name, res)

@@ -383,6 +383,34 @@ def test_bench_mask_precision_on_a_manifest_with_masks(tmp_path, monkeypatch):
     assert r["feature"]["fidelity"] >= r["random"]["fidelity"] - 1e-6     # its first candidate is random's mask
 
 
+def test_bench_masked_test_reads_a_trained_run(tmp_path, monkeypatch):
+    import json
+    import bench
+    import train as T
+    root = fake_theme_tree(str(tmp_path / "icons"))
+    path = R.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+                         min_themes=2, size=32, log=lambda *a: None)
+    monkeypatch.setenv("EXMASK_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", data=path)
+    T.train(cfg)
+    tiny = towers.backbone(cfg, "cpu", T.console(cfg))            # the run's towers stand for the default ones
+    monkeypatch.setattr(towers, "default_backbone", lambda *a, **k: tiny)
+    out = str(tmp_path / "bench.json")
+    run = os.path.join(cfg.out, "exmask")
+    bench.main(["--only", "masked_test", "--run", run, "--data", path, "--threads", "1", "--out", out])
+    res = json.load(open(out))["results"]["masked_test"]
+    K0 = exmask.keep_count(16, T.Config().keep_image)
+    assert res["test_rows"] == 6 and res["last_phase_classes"] == 2 and [r["kept_patches"] for r in res["rows"]] == [16, K0, 2 * K0]
+    for r in res["rows"]:
+        assert all(0 <= r[k] <= 100 for k in ("old_class_accuracy", "last_phase_accuracy", "old_rows_put_in_last_phase"))
+    # the whole images' accuracy is the run's own after its last phase (1 old class, 2 new; 2 test rows each)
+    ran = json.load(open(os.path.join(cfg.out, "results.json")))        # one method, one seed: that run
+    whole = res["rows"][0]
+    assert abs((2 * whole["old_class_accuracy"] + 4 * whole["last_phase_accuracy"]) / 6 - ran["last_accuracy"]) < 1e-6
+    with pytest.raises(SystemExit, match="--run"):
+        bench.main(["--only", "masked_test", "--out", out])
+
+
 def test_a_class_with_too_few_rows_keeps_more_patches_and_fills_its_quota(tmp_path):
     """fill_keep: with rows to spare a class's exemplars keep the --keep-image share; with too few
     rows to fill the quota at that share, every row is stored, each with more patches, within the quota."""
