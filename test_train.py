@@ -172,7 +172,7 @@ def test_logit_adjust_counts_new_rows_and_exemplars_per_class(tmp_path, monkeypa
     assert first.tolist() == [8.0, 8.0]                       # phase 1: two new classes of 8 rows
     assert second[2:].tolist() == [8.0, 8.0] and second[:2].tolist() == [res["memory"]["exemplars_per_class"]] * 2
     assert res["settings"]["logit_adjust"] == 0.7
-    base = T.train(tiny_train_cfg(tmp_path / "b", methods="replay"))[0]
+    base = T.train(tiny_train_cfg(tmp_path / "b", methods="replay", logit_adjust=0.0))[0]
     assert base["settings"]["logit_adjust"] == 0.0 and base["accuracy_matrix"] != res["accuracy_matrix"]
     with pytest.raises(ValueError, match="logit_adjust"):
         T.Config(logit_adjust=-1)

@@ -68,10 +68,13 @@ class Config:
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
     recombine: float = 0.0                  # share of replayed exemplars given a same-class partner's text
     token_mixup: float = 0.0                # share of replayed exemplars token-mixed with another exemplar
-    mask_new: float = 0.0                   # share of new samples also shown masked (exmask family)
-    logit_adjust: float = 0.0               # > 0: while training, every logit is shifted by this times the log of
+    mask_new: float = 1.0                   # share of new samples also shown masked (exmask family), beside their
+                                            # whole view: old classes are only ever seen masked, and without it a
+                                            # model learns "masked means old" where classes have many rows
+    logit_adjust: float = 1.0               # > 0: while training, every logit is shifted by this times the log of
                                             # its class's share of the phase's rows (replay.logit_prior), so that
                                             # many new rows against few exemplars do not bias the head; 0 = off
+                                            # (both chosen on validation rows of the real-image sets)
     replay: str = "epoch"                   # "epoch": every exemplar once per epoch beside the new data (iCaRL);
                                             # "batch": a batch of batch_size exemplars drawn each step
     val: float = 0.0                        # > 0: carve this share of each class's training rows as a validation
