@@ -34,10 +34,16 @@ def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
             "towers": json.loads(json.dumps(asdict(mcfg)))}
 
 
+# Settings whose default changed when they were first recorded: a checkpoint written before then does
+# not name them and was made with this value, not with today's default.
+UNRECORDED = {"logit_adjust": 0.0}
+
+
 def load_checkpoint(path: str, run: dict, defaults: dict | None = None) -> dict:
     """A checkpoint to resume from, refused (one error line) where it is unreadable or was made with
     other settings than `run` (run_identity), saying which. defaults: each setting's default, what a
-    checkpoint written before that setting existed was made with."""
+    checkpoint written before that setting existed was made with (UNRECORDED overrides it)."""
+    defaults = {**(defaults or {}), **UNRECORDED}
     try:
         ck = torch.load(path, weights_only=True)
     except Exception as e:   # truncated, corrupt, or not ours: say how to start over
@@ -47,7 +53,7 @@ def load_checkpoint(path: str, run: dict, defaults: dict | None = None) -> dict:
     if old is None:
         raise SystemExit(f"error: checkpoint {path} was made by an older version; delete it to start over")
     for k, v in run.items():
-        if old.get(k, (defaults or {}).get(k)) != v:
+        if old.get(k, defaults.get(k)) != v:
             what = "the classes or their order" if k == "classes" else k
             shown = "" if k in ("classes", "towers") else f": {old.get(k)!r} there, {v!r} now"
             raise SystemExit(f"error: --resume: {path} was made with another {what}{shown}; resume with the same "

@@ -40,6 +40,7 @@ import data as D
 import models as M
 import ranks
 import train as T
+from checkpoints import UNRECORDED
 from pictures import draw_accuracy
 
 RUN_FILES = ("checkpoint.pt", "model.pt")
@@ -92,8 +93,8 @@ def run_config(cfg: T.Config, run: dict, mcfg: M.ModelConfig) -> T.Config:
     """cfg with the run's settings (run_identity), method and towers: a field left at its default
     takes the run's value; a field given with another value is refused, by name."""
     default = T.Config()
-    # a setting newer than the run: the run behaved as its default did
-    theirs = {**{k: run.get(k, getattr(default, k)) for k in T.RUN_KEYS}, "methods": run["method"]}
+    # a setting newer than the run: the run behaved as its default did (or as UNRECORDED says)
+    theirs = {**{k: run.get(k, UNRECORDED.get(k, getattr(default, k))) for k in T.RUN_KEYS}, "methods": run["method"]}
     for k, v in theirs.items():
         mine = getattr(cfg, k)
         if mine != getattr(default, k) and mine != v:

@@ -580,3 +580,8 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
     assert C.load_checkpoint(path, run, defaults)["run"] == old
     with pytest.raises(SystemExit, match="lowres"):
         C.load_checkpoint(path, dict(run, lowres=2), defaults)
+    # logit adjustment did not exist before it was recorded: such a checkpoint trained without it,
+    # whatever today's default says
+    assert C.load_checkpoint(path, dict(run, logit_adjust=0.0), defaults)["run"] == old
+    with pytest.raises(SystemExit, match="logit_adjust"):
+        C.load_checkpoint(path, dict(run, logit_adjust=T.Config().logit_adjust), defaults)
