@@ -7,6 +7,7 @@
     python bench.py --only masked_test --run RUN/exmask [--data D]   # has the run learned "masked = old class"?
     python bench.py --only model_speed --device cuda --compile   # ViT-B/16 vs timm, steps, matmul limit
     python bench.py --only model_speed --only phase_loop --device cuda   # issue 9's GPU figures, one JSON
+    python bench.py --only sdpa_shapes --device cuda   # a step of new shapes with and without cuDNN attention
 
 Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
 "results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
@@ -35,7 +36,7 @@ import torch
 import data as D
 import models as M
 from bench_data import data_scale
-from bench_speed import model_speed, phase_loop
+from bench_speed import model_speed, phase_loop, sdpa_shapes
 
 # the exports measured: keyword arguments of export.export_onnx. "dynamo" is the default (ORT's fused
 # MultiHeadAttention); "portable" the same exporter with standard ONNX ops only; "torchscript" the old exporter
@@ -298,7 +299,7 @@ def masked_test(o: Opts) -> dict:
 
 BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency, "replay_cost": replay_cost,
               "mask_precision": mask_precision, "masked_test": masked_test, "model_speed": model_speed,
-              "phase_loop": phase_loop, "data_scale": data_scale}
+              "phase_loop": phase_loop, "sdpa_shapes": sdpa_shapes, "data_scale": data_scale}
 
 
 # ----------------------------------------------------------------------------- report
@@ -334,9 +335,16 @@ def show(name: str, res: dict) -> None:
         print(f"  (vs: img/s over the row named in the JSON's 'vs'; share: of the matmul-rate limit; "
               f"ours vs timm max |diff| {res['max_abs_diff_ours_vs_timm']:.1e})")
     elif name == "phase_loop":
-        print(f"  {'phase':>5} {'steps':>5} {'new':>4} {'replayed':>8} {'ms/step':>8}   (each step alone)")
+        print(f"  {'phase':>5} {'steps':>5} {'new':>4} {'masked':>6} {'replayed':>8} {'ms/step':>8}   (each step alone)")
         for r in res["phases"]:
-            print(f"  {r['phase']:>5} {r['steps']:>5} {r['new_per_step']:>4} {r['replayed_per_step']:>8} {r['step_ms']:>8.1f}")
+            print(f"  {r['phase']:>5} {r['steps']:>5} {r['new_per_step']:>4} {r.get('new_masked_per_step', 0):>6} "
+                  f"{r['replayed_per_step']:>8} {r['step_ms']:>8.1f}")
+    elif name == "sdpa_shapes":
+        print(f"sdpa_shapes ({res['vit']} at {res['image_size']} px on {res['device_name'] or 'cpu'}, ms a step, "
+              f"{res['steps']} steps each)")
+        for r in res["rows"]:
+            print(f"  {r['kernels']:<10} one shape {r['one_shape_ms']:>7.1f}  new shapes {r['new_shapes_ms']:>7.1f}  "
+                  f"the same again {r['same_shapes_again_ms']:>7.1f}")
     elif name == "mask_precision":
         print(f"mask_precision ({res['data']}, {res['rows']} training rows, {res['kept_patches']} patches kept; "
               f"{100 * res['object_share_of_patches']:.0f} % of all patches are object)")

@@ -73,13 +73,15 @@ SSF_PATHS = {"function": "LinearSSF: one matmul, no weight-gradient matmul, one 
 
 
 @contextlib.contextmanager
-def ssf_train(mode: str):
-    """models.SSF_TRAIN = mode inside, restored after."""
-    old, M.SSF_TRAIN = M.SSF_TRAIN, mode
+def ssf_train(mode: str, setting: str = "SSF_TRAIN"):
+    """models.SSF_TRAIN (or the setting named, e.g. SSF_COMPILED: the path under torch.compile) = mode
+    inside, restored after."""
+    old = getattr(M, setting)
+    setattr(M, setting, mode)
     try:
         yield
     finally:
-        M.SSF_TRAIN = old
+        setattr(M, setting, old)
 
 
 def ssf_grad_check(mode: str, cfg: M.ViTConfig, dev: str, amp) -> dict:
@@ -182,8 +184,9 @@ def model_speed(o) -> dict:
         fwd, stp = vit_flops(cfg, patches, C)
         r["limit_img_s"] = rate["tflops"] * 1e12 / (fwd if kind == "inference" else stp)
         r["share_of_limit"] = r["img_s"] / r["limit_img_s"]
-        if ref_row:
-            r["vs"], r["speed_ratio"] = ref_row, r["img_s"] / next(x["img_s"] for x in rows if x["name"] == ref_row)
+        base = next((x for x in rows if x["name"] == ref_row and "img_s" in x), None)   # not a failed row
+        if base:
+            r["vs"], r["speed_ratio"] = ref_row, r["img_s"] / base["img_s"]
         r["note"] = note
         rows.append(r)
         show_speed_row(r)
@@ -236,21 +239,39 @@ def model_speed(o) -> dict:
         K = exmask.keep_count(N, share)
         measure(f"step ours SSF keep {share:.0%}", "step", K, step(ssf_fwd, ssf_params, kept(K)), "step ours SSF")
 
-    # (b), (d) compiled, as train.py --compile (dynamic shapes: one graph for every kept count)
+    # compiled, as train.py --compile (models.compiled: dynamic shapes, one graph for every kept
+    # count). A row that fails to compile is recorded with its error and the others still run.
     if o.compile:
-        ctimm = torch.compile(ref, dynamic=True)
-        measure("compiled step timm LN", "step", N, step(lambda im: ctimm((im - mean) / std), timm_params, (images,)),
+        def attempt(name: str, *args, **kw) -> None:
+            try:
+                measure(name, *args, **kw)
+            except Exception as e:   # inductor's failures are internal errors of many kinds
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                rows.append({"name": name, "error": msg})
+                print(f"  {name:<34} failed: {msg}", flush=True)
+                torch._dynamo.reset()
+
+        ctimm, cours = M.compiled(timm_pooled), M.compiled(lambda: plain.forward_images(images))
+        ref.eval()
+        with torch.inference_mode(), amp:
+            attempt("compiled infer timm", "inference", N, ctimm, "infer timm", "first_call_s includes compiling")
+            attempt("compiled infer ours", "inference", N, cours, "compiled infer timm")
+        ref.train()
+        ctimm = M.compiled(ref)
+        attempt("compiled step timm LN", "step", N, step(lambda im: ctimm((im - mean) / std), timm_params, (images,)),
                 "step timm LN", "first_call_s includes compiling")
-        cvit = torch.compile(ssf_vit, dynamic=True)
+        cvit = M.compiled(ssf_vit)
         cfwd = lambda p, i: ssf_head(cvit(p, i))
-        measure("compiled step ours SSF", "step", N, step(cfwd, ssf_params, full), "compiled step timm LN",
+        attempt("compiled step ours SSF", "step", N, step(cfwd, ssf_params, full), "compiled step timm LN",
                 SSF_PATHS[M.SSF_COMPILED] + " (the default path under torch.compile)")
-        with ssf_train("fold"):   # dynamo guards on SSF_TRAIN: each path compiles once
-            measure("compiled step ours SSF fold", "step", N, step(cfwd, ssf_params, full), "compiled step timm LN",
-                    SSF_PATHS["fold"])
+        for mode in ("function", "addcmul", "fold"):   # dynamo guards on SSF_TRAIN / SSF_COMPILED: each compiles once
+            if mode != M.SSF_COMPILED:
+                with ssf_train(mode, "SSF_COMPILED"):
+                    attempt(f"compiled step ours SSF {mode}", "step", N, step(cfwd, ssf_params, full),
+                            "compiled step timm LN", SSF_PATHS[mode])
         for share in (0.5, 0.25):
             K = exmask.keep_count(N, share)
-            measure(f"compiled step ours SSF keep {share:.0%}", "step", K, step(cfwd, ssf_params, kept(K)),
+            attempt(f"compiled step ours SSF keep {share:.0%}", "step", K, step(cfwd, ssf_params, kept(K)),
                     "compiled step ours SSF")
 
     return {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None, "timm_model": name,
@@ -294,7 +315,9 @@ def phase_loop(o, base=None) -> dict:
     raw["is_train"] = ~raw["is_test"]
     data = T.prepare(raw, cfg, mcfg, tok)
 
-    spent = {"train_phase": 0.0, "candidates": 0.0, "evaluate": 0.0}
+    # mask_sets: the masks of the new rows' masked views (--mask-new), made at the start of each
+    # phase's training (train_phase); timed apart from its steps (the exemplars' masks are in candidates)
+    spent = {"train_phase": 0.0, "candidates": 0.0, "evaluate": 0.0, "mask_sets": 0.0}
     real = {k: getattr(T, k) for k in spent}
 
     def timed_part(name):
@@ -317,7 +340,8 @@ def phase_loop(o, base=None) -> dict:
         for k, fn in real.items():
             setattr(T, k, fn)
 
-    # every step again, alone: the same shapes (new batch, replayed exemplars at the kept share)
+    # every step again, alone: the same shapes (new batch; from phase 2 on, with --mask-new, those
+    # rows again masked at the kept share; replayed exemplars at the kept share)
     phase_cls = D.phase_classes(list(range(len(data["class_names"]))), cfg.phases)
     N, P = data["patches"].shape[1:]
     K = exmask.keep_count(N, cfg.keep_image)
@@ -331,40 +355,111 @@ def phase_loop(o, base=None) -> dict:
         n_new = int((data["is_train"] & torch.isin(data["labels"], torch.tensor(phase_cls[t]))).sum())
         n_mem = res["memory_per_phase"][t - 1]["exemplars"] if t else 0
         per_epoch, B, R = T.epoch_plan(n_new, n_mem, cfg.batch_size)
-        if (B, R) not in step_ms:
+        Bm = round(B * min(cfg.mask_new, 1.0)) if n_mem else 0     # masked new views per step, on average
+        if (B, Bm, R) not in step_ms:
             rows = torch.randint(len(data["labels"]), (B + R,), generator=g)
             x = data["patches"][rows[:B]].to(dev)
             pidx = torch.rand(R, N, generator=g).argsort(1)[:, :K].sort(1).values.to(dev)
             xr = M.gather_tokens(data["patches"][rows[B:]].to(dev), pidx)
+            midx = torch.rand(Bm, N, generator=g).argsort(1)[:, :K].sort(1).values.to(dev)
+            xm = M.gather_tokens(x[:Bm], midx)
             ids = data["ids"][rows].to(dev)
             y = data["labels"][rows].clamp(max=model.n_classes - 1).to(dev)
 
             def step():
                 with amp:
                     loss = F.cross_entropy(model.forward_tokens(x, M.all_patches(x), ids[:B]).float(), y[:B])
+                    if Bm:
+                        lm = F.cross_entropy(model.forward_tokens(xm, midx, ids[:Bm]).float(), y[:Bm])
+                        loss = (loss * B + lm * Bm) / (B + Bm)
                     if R:
                         lr_ = F.cross_entropy(model.forward_tokens(xr, pidx, ids[B:]).float(), y[B:])
-                        loss = (loss * B + lr_ * R) / (B + R)
+                        loss = (loss * (B + Bm) + lr_ * R) / (B + Bm + R)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            step_ms[(B, R)] = clock(step, o.steps or 10, 3, cuda)["ms"]
+            with M.loop_attention(dev):   # the SDPA kernels the loop runs with
+                step_ms[(B, Bm, R)] = clock(step, o.steps or 10, 3, cuda)["ms"]
         steps = cfg.epochs * per_epoch
-        alone_s += steps * step_ms[(B, R)] / 1e3
-        shapes.append({"phase": t + 1, "steps": steps, "new_per_step": B, "replayed_per_step": R,
-                       "step_ms": step_ms[(B, R)]})
+        alone_s += steps * step_ms[(B, Bm, R)] / 1e3
+        shapes.append({"phase": t + 1, "steps": steps, "new_per_step": B, "new_masked_per_step": Bm,
+                       "replayed_per_step": R, "step_ms": step_ms[(B, Bm, R)]})
     out = {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None,
            "vit": {k: getattr(mcfg.vit, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
-           "compile": o.compile, "threads": torch.get_num_threads(), "images": len(data["labels"]),
+           "compile": o.compile, "loop_sdpa": M.LOOP_SDPA, "threads": torch.get_num_threads(), "images": len(data["labels"]),
            "phase_loop_s": loop_s, "phase_seconds": res["phase_seconds"], **{f"{k}_s": v for k, v in spent.items()},
            "steps_alone_s": alone_s, "share_of_step_speed": alone_s / loop_s,
-           "training_share_of_step_speed": alone_s / spent["train_phase"], "phases": shapes,
+           "training_share_of_step_speed": alone_s / (spent["train_phase"] - spent["mask_sets"]), "phases": shapes,
            "avg_incremental_accuracy": res["avg_incremental_accuracy"]}
     print(f"phase_loop on {out['device_name'] or 'cpu'}: loop {loop_s:.1f}s (train {spent['train_phase']:.1f}s, "
+          f"{spent['mask_sets']:.1f}s of it masking the new rows, "
           f"exemplars {spent['candidates']:.1f}s, eval {spent['evaluate']:.1f}s); steps alone {alone_s:.1f}s "
-          f"-> {out['share_of_step_speed']:.0%} of step speed ({out['training_share_of_step_speed']:.0%} in training)",
+          f"-> {out['share_of_step_speed']:.0%} of step speed ({out['training_share_of_step_speed']:.0%} in the training "
+          f"steps)",
           flush=True)
     return out
+
+
+def sdpa_shapes(o) -> dict:
+    """What a new shape costs: one training step of the phase loop's kind (our ViT with SSF and a
+    head, bf16 on cuda: 32 new rows whole, 32 masked and 31 replayed at 10 % of the patches), first
+    30 steps of one shape, then 30 of shapes drawn as the loop's vary (masked and replayed patches
+    7.5-12.5 % of them, replayed rows 26-34), then those 30 again; with SDPA's kernels left to PyTorch and under
+    models.loop_attention (LOOP_SDPA). ms per step. cuda: ViT-B/16 at 224 px; cpu: ViT-Ti/16 at 64
+    px (or --vit, random weights)."""
+    import random
+    import timm
+    dev, cuda = o.device, o.device.startswith("cuda")
+    torch.set_num_threads(o.threads or torch.get_num_threads())
+    name, kw = (o.vit, {}) if o.vit else ("vit_base_patch16_224", {}) if cuda else ("vit_tiny_patch16_224", {"img_size": 64})
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    vit = M.ViT(M.vit_config_from_timm(ref), "ssf")
+    M.load_timm_vit(vit, ref.state_dict())
+    vit, head = vit.to(dev), nn.Linear(vit.cfg.dim, 100).to(dev)
+    for n, p in vit.named_parameters():
+        p.requires_grad = "_ssf." in n
+    opt = torch.optim.Adam([p for p in vit.parameters() if p.requires_grad] + list(head.parameters()), lr=1e-5,
+                           foreach=True)
+    N, P = vit.cfg.n_patches, 3 * vit.cfg.patch_size ** 2
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, 256, (256, N, P), dtype=torch.uint8, generator=g)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def part(B: int, K: int | None) -> tuple:
+        x = pool[torch.randint(len(pool), (B,), generator=g)].to(dev)
+        if K is None:
+            return x, M.all_patches(x)
+        idx = torch.rand(B, N, generator=g).argsort(1)[:, :K].sort(1).values.to(dev)    # (B, K)
+        return M.gather_tokens(x, idx), idx
+
+    def steps(shapes: list) -> float:
+        sync()
+        t = time.perf_counter()
+        for B, Km, R, Kr in shapes:
+            with M.autocast(dev):
+                loss = sum(F.cross_entropy(head(vit(x, i)).float(), torch.randint(0, 100, (len(x),), device=dev))
+                           for x, i in (part(B, None), part(B, Km), part(R, Kr)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync()
+        return (time.perf_counter() - t) / len(shapes) * 1e3
+
+    n = o.steps or 30
+    rng, K, lo, hi = random.Random(0), max(1, N // 10), max(1, 3 * N // 40), max(1, N // 8)   # 19, 14-24 of 196
+    rows = []
+    for kernels in ("pytorch", "loop_sdpa"):
+        ctx = contextlib.nullcontext if kernels == "pytorch" else lambda: M.loop_attention(dev)
+        new = [(32, rng.randint(lo, hi), rng.randint(26, 34), rng.randint(lo, hi)) for _ in range(n)]
+        with ctx():
+            steps([(32, K, 31, K)] * 3)
+            rows.append({"kernels": kernels, "one_shape_ms": steps([(32, K, 31, K)] * n), "new_shapes_ms": steps(new),
+                         "same_shapes_again_ms": steps(new)})
+        print(f"  sdpa_shapes {kernels:<10} one shape {rows[-1]['one_shape_ms']:.1f} ms, new shapes "
+              f"{rows[-1]['new_shapes_ms']:.1f} ms, again {rows[-1]['same_shapes_again_ms']:.1f} ms a step", flush=True)
+    return {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None, "vit": name,
+            "image_size": vit.cfg.image_size, "loop_sdpa": M.LOOP_SDPA, "steps": n, "rows": rows}
 
 
 def show_speed_row(r: dict | None) -> None:

@@ -15,6 +15,7 @@ the tokens (one row, never the N x N matrix) and the token features in the share
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -229,11 +230,12 @@ class LinearSSF(torch.autograd.Function):
 # Measured before "function" existed (bench.py model_speed, ViT-B/16, batch 256, bf16, NVIDIA H200):
 # "fold" 2,804 img/s and "addcmul" 2,279, against 3,427 for timm's LayerNorm-tuning step; the rows
 # "step ours SSF" (function), "... fold" and "... addcmul" of model_speed compare all three.
-# Under torch.compile "function" trains as SSF_COMPILED instead: inductor fuses addcmul's scale and
-# shift into the matmul and its sums into one reduction, and LinearSSF's batch-norm backward failed
-# to compile for CUDA (torch 2.11, NVIDIA H200; it compiles on the CPU).
+# Under torch.compile "function" trains as SSF_COMPILED. With COMPILE_OPTIONS both "function" and
+# "addcmul" compile for CUDA (torch 2.11; without them inductor failed on both), and "function" is
+# the faster compiled step (bench.py model_speed --compile, ViT-B/16, batch 256, NVIDIA H200: 3,920
+# img/s against 3,320; on the CPU, ViT-Ti/16 at 112 px: 135 against 124).
 SSF_TRAIN = "function"
-SSF_COMPILED = "addcmul"
+SSF_COMPILED = "function"
 
 
 def with_ssf(op: nn.Module, s: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -639,13 +641,43 @@ class TwoTower(nn.Module):
                 if not (k.startswith("head.") or "_ssf." in k or ".prompt" in k)}
 
 
+# Inductor's options under --compile. Its coalescing analysis of tilings failed an internal
+# assertion (get_pw_red_splits) on the SSF step's fused reductions with dynamic shapes (torch 2.11,
+# CUDA); inductor's own note says that analysis does not apply to dynamic shapes yet.
+COMPILE_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+
+
+def compiled(fn):
+    """torch.compile(fn) with dynamic shapes (kept patches and caption lengths vary from batch to
+    batch) and COMPILE_OPTIONS."""
+    return torch.compile(fn, dynamic=True, options=dict(COMPILE_OPTIONS) or None)
+
+
 def compile_towers(model: TwoTower) -> None:
-    """torch.compile each tower's forward in place, with dynamic shapes (kept patches and caption
-    lengths vary from batch to batch). The towers, not forward_tokens: the head grows every phase,
-    and each new head would recompile the whole model (dynamo gives up after 8 and runs eager).
-    The state dict keeps its names."""
+    """Compile each tower's forward in place (compiled). The towers, not forward_tokens: the head
+    grows every phase, and each new head would recompile the whole model (dynamo gives up after 8
+    and runs eager). The state dict keeps its names."""
     for tower in (model.image, model.text):
-        tower.forward = torch.compile(tower.forward, dynamic=True)
+        tower.forward = compiled(tower.forward)
+
+
+# SDPA's kernels for the phase loop on a GPU (train.run_method, under loop_attention): flash and
+# memory-efficient attention, not cuDNN's. cuDNN's attention builds an execution plan for every new
+# shape, and the loop's shapes change from step to step (kept patches, caption lengths, replayed
+# rows): on an NVIDIA H200 (torch 2.11, ViT-B/16, a step of 32 new rows whole, 32 masked and 31
+# replayed) a step of new shapes took 217 ms against 88 ms for shapes seen before; with these kernels
+# 112 ms. The phase loop (bench.py phase_loop) took 50.4 s with them against 70.4 s. None: PyTorch's
+# own choice (cuDNN's first on Hopper GPUs). The CPU has one kernel either way.
+LOOP_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def loop_attention(device: str):
+    """A context in which SDPA on a GPU uses only LOOP_SDPA's kernels; on the CPU, or with LOOP_SDPA
+    None, nothing changes."""
+    if not device.startswith("cuda") or LOOP_SDPA is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([getattr(SDPBackend, k) for k in LOOP_SDPA])
 
 
 def autocast(device: str):

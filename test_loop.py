@@ -191,3 +191,56 @@ def test_bench_phase_loop_times_the_loop_and_its_steps(tmp_path, monkeypatch):
     assert res["vit"]["image_size"] == 64 and len(res["phases"]) == base.phases == len(res["phase_seconds"])
     assert res["phases"][1]["replayed_per_step"] > 0 and 0 < res["steps_alone_s"]
     assert 0 < res["train_phase_s"] + res["candidates_s"] + res["evaluate_s"] <= res["phase_loop_s"]
+    # the steps alone include the new rows' masked views (--mask-new 1, the default) once there is a
+    # memory, and the masks of those views are timed apart, within training
+    assert base.mask_new == 1 and res["phases"][0]["new_masked_per_step"] == 0
+    assert res["phases"][1]["new_masked_per_step"] == res["phases"][1]["new_per_step"] > 0
+    assert 0 < res["mask_sets_s"] < res["train_phase_s"]
+
+
+def test_the_loop_runs_sdpa_without_cudnn_on_a_gpu(tmp_path, monkeypatch):
+    """models.loop_attention: on cuda, SDPA may use every kernel of LOOP_SDPA and not cuDNN's, which
+    builds a plan for each new shape; restored after; nothing changes on the CPU or with None. The
+    phase loop trains, chooses exemplars and evaluates inside it, every phase."""
+    import train as T
+    before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
+    with M.loop_attention("cuda"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+    with M.loop_attention("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    monkeypatch.setattr(M, "LOOP_SDPA", None)
+    with M.loop_attention("cuda"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    monkeypatch.undo()
+    entered, calls = [], []
+    real = M.loop_attention
+
+    class Seen:
+        def __init__(self, device):
+            self.ctx = real(device)
+
+        def __enter__(self):
+            entered.append(True)
+            return self.ctx.__enter__()
+
+        def __exit__(self, *exc):
+            entered.pop()
+            return self.ctx.__exit__(*exc)
+    monkeypatch.setattr(M, "loop_attention", Seen)
+    for name in ("train_phase", "candidates", "evaluate"):
+        fn = getattr(T, name)
+        monkeypatch.setattr(T, name, lambda *a, _fn=fn, _n=name, **k: (calls.append((_n, bool(entered))), _fn(*a, **k))[1])
+    cfg = tiny_train_cfg(tmp_path, phases=2)
+    T.train(cfg)
+    assert {n for n, _ in calls} == {"train_phase", "candidates", "evaluate"} and all(inside for _, inside in calls)
+
+
+def test_bench_sdpa_shapes_times_new_and_repeated_shapes_both_ways():
+    """bench.py sdpa_shapes: a step of one shape, of new shapes and of those again, with PyTorch's
+    SDPA kernels and under loop_attention (the same on the CPU: one kernel)."""
+    import bench
+    res = bench.sdpa_shapes(bench.Opts(steps=2))
+    assert [r["kernels"] for r in res["rows"]] == ["pytorch", "loop_sdpa"] and res["loop_sdpa"] == M.LOOP_SDPA
+    assert all(r[k] > 0 for r in res["rows"] for k in ("one_shape_ms", "new_shapes_ms", "same_shapes_again_ms"))

@@ -250,7 +250,7 @@ def test_train_compile_flag_compiles_the_training_forward(tmp_path, monkeypatch)
         return fn
     monkeypatch.setattr(torch, "compile", fake_compile)
     T.train(tiny_train_cfg(tmp_path, compile=True, phases=1))
-    assert calls == [("forward", {"dynamic": True})] * 2
+    assert calls == [("forward", {"dynamic": True, "options": M.COMPILE_OPTIONS})] * 2
 
 
 # ----------------------------------------------------------------------------- bench.py model_speed

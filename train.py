@@ -317,20 +317,21 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
         model.freeze_backbone()
         n_params = model.trainable_params()
         seen = [c for p in phase_cls[:t + 1] for c in p]
-        # joint, the upper bound: every training sample of every seen class, together
-        train_phase(cfg, model, data, seen if method == "joint" else phase_cls[t], memory, method, rng, con,
-                    f"[{method}] phase {t + 1}/{cfg.phases}")
-        if memory is not None:
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
-            # under torchrun: chosen and masked once, by the first process; every process stores them
-            cands, shown = (candidates(model, data, phase_cls[t], method, cfg, gen,
-                                       memory.quota(len(memory.classes) + len(phase_cls[t])))
-                            if ranks.is_main() else (None, []))
-            memory.add(ranks.broadcast(cands))
-            if t == 0 and shown:
-                draw_masked(os.path.join(cfg.out, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
-                            tok, data["class_names"])
-        row, cnt = evaluate(model, data, phase_cls, t, device)
+        with M.loop_attention(device):   # SDPA without cuDNN's per-shape plans on a GPU (models.LOOP_SDPA)
+            # joint, the upper bound: every training sample of every seen class, together
+            train_phase(cfg, model, data, seen if method == "joint" else phase_cls[t], memory, method, rng, con,
+                        f"[{method}] phase {t + 1}/{cfg.phases}")
+            if memory is not None:
+                gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
+                # under torchrun: chosen and masked once, by the first process; every process stores them
+                cands, shown = (candidates(model, data, phase_cls[t], method, cfg, gen,
+                                           memory.quota(len(memory.classes) + len(phase_cls[t])))
+                                if ranks.is_main() else (None, []))
+                memory.add(ranks.broadcast(cands))
+                if t == 0 and shown:
+                    draw_masked(os.path.join(cfg.out, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
+                                tok, data["class_names"])
+            row, cnt = evaluate(model, data, phase_cls, t, device)
         R.append(row)
         counts.append(cnt)
         secs.append(time.time() - t0)
