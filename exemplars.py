@@ -67,13 +67,13 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
     n, N = x.shape[:2]
     K = exmask.keep_count(N, cfg.keep_image)
     g = model.cfg.vit.grid
-    a = attn.float().cpu()
     if rule == "random":
         return exmask.keep_top(noise[0], K)
     if rule == "object":
         if objects is None:
             raise SystemExit("error: oracle-mask needs object masks: a manifest `mask` column (data.py icons writes one)")
         return exmask.keep_top(objects + 1e-3 * noise[0], K)
+    a = attn.float().cpu()
     if rule == "paper":
         return exmask.keep_top(a, K)
     a = exmask.smooth_scores(a, g, cfg.smooth_image)
@@ -139,7 +139,10 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
     # the towers were trained into one space (model.cfg.shared_space; equal widths are not enough):
     # token features recomputed per batch, never kept
     tokens = txt_mode == "attn" and context and img_mode is not None and model.cfg.shared_space
-    sig = sig or signals(model, data, rows, cfg)
+    rule = cfg.image_mask if img_mode == "model" else img_mode
+    # random or oracle patches, and whole or random text, need nothing from the model
+    if sig is None and (rule not in (None, "random", "object") or txt_mode == "attn"):
+        sig = signals(model, data, rows, cfg)
     keep_idx, keep = [], []
     for part in torch.arange(len(rows)).split(MASK_BATCH):
         r, ids = rows[part], data["ids"][rows[part]]
@@ -147,9 +150,9 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
         n, N = x.shape[:2]
         dropped = torch.zeros(n, N, dtype=torch.bool)
         if img_mode:
-            rule = cfg.image_mask if img_mode == "model" else img_mode
-            ki = image_keep(model, x, ids, sig["img_attn"][part], rule, cfg, noise["image"][:, part],
-                            data["labels"][r], data["objects"][r] if "objects" in data else None, sig["feats"][part].to(dev))
+            ki = image_keep(model, x, ids, sig["img_attn"][part] if sig else None, rule, cfg, noise["image"][:, part],
+                            data["labels"][r], data["objects"][r] if "objects" in data else None,
+                            sig["feats"][part].to(dev) if sig else None)
             keep_idx.append(ki)                                                        # (n, K)
             dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, ki, False)
         if txt_mode:

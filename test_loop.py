@@ -244,3 +244,26 @@ def test_bench_sdpa_shapes_times_new_and_repeated_shapes_both_ways():
     res = bench.sdpa_shapes(bench.Opts(steps=2))
     assert [r["kernels"] for r in res["rows"]] == ["pytorch", "loop_sdpa"] and res["loop_sdpa"] == M.LOOP_SDPA
     assert all(r[k] > 0 for r in res["rows"] for k in ("one_shape_ms", "new_shapes_ms", "same_shapes_again_ms"))
+
+
+def test_random_masks_skip_the_models_signals(tmp_path, monkeypatch):
+    """mask_sets with random patches and whole text (--mask-new-rule random's views) runs no forward
+    pass for the model's signals, and its masks are those it makes when given them."""
+    import exemplars as E
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu")
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    rows = torch.arange(12)
+    noise = E.draw_noise(len(rows), data["patches"].shape[1], data["ids"].shape[1], torch.Generator().manual_seed(0),
+                         "random-mask", cfg)
+    given = E.mask_sets(model, data, rows, "random-mask", cfg, noise, E.signals(model, data, rows, cfg))
+    def no_signals(*a, **k):
+        raise RuntimeError("signals computed")
+    monkeypatch.setattr(E, "signals", no_signals)
+    alone = E.mask_sets(model, data, rows, "random-mask", cfg, noise)
+    assert torch.equal(alone["keep_idx"], given["keep_idx"]) and alone["keep"] is given["keep"] is None
+    with pytest.raises(RuntimeError, match="signals computed"):   # a rule that needs them still asks
+        E.mask_sets(model, data, rows, "exmask", cfg, noise)

@@ -176,3 +176,31 @@ def test_logit_adjust_counts_new_rows_and_exemplars_per_class(tmp_path, monkeypa
     assert base["settings"]["logit_adjust"] == 0.0 and base["accuracy_matrix"] != res["accuracy_matrix"]
     with pytest.raises(ValueError, match="logit_adjust"):
         T.Config(logit_adjust=-1)
+
+
+def test_mask_new_rule_masks_the_new_views_at_random(tmp_path, monkeypatch):
+    """--mask-new-rule random: exmask's new rows are shown masked by random-mask's rule (random
+    patches, the same share), its exemplars still by its own; "method" (the default) masks both
+    by the method's rule. The CLI reaches Config and results.json records it."""
+    import train as T
+    rules, real = [], T.mask_sets
+
+    def spy(model, data, rows, method, cfg, noise, sig=None):
+        rules.append(method)
+        m = real(model, data, rows, method, cfg, noise, sig)
+        if method == "random-mask":   # random patches: as many as the method's share keeps
+            assert m["keep_idx"].shape[1] == exmask.keep_count(data["patches"].shape[1], cfg.keep_image)
+        return m
+
+    monkeypatch.setattr(T, "mask_sets", spy)
+    res = T.train(tiny_train_cfg(tmp_path, methods="exmask", mask_new_rule="random"))[0]
+    assert rules == ["random-mask"] and res["settings"]["mask_new_rule"] == "random"
+    rules.clear()
+    T.train(tiny_train_cfg(tmp_path / "b", methods="exmask"))
+    assert rules == ["exmask"] and T.Config().mask_new_rule == "method"
+    with pytest.raises(ValueError, match="mask_new_rule"):
+        T.Config(mask_new_rule="object")
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda cfg: seen.setdefault("cfg", cfg))
+    T.main(["--mask-new-rule", "random", "--out", str(tmp_path / "o")])
+    assert seen["cfg"].mask_new_rule == "random"

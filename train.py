@@ -71,6 +71,8 @@ class Config:
     mask_new: float = 1.0                   # share of new samples also shown masked (exmask family), beside their
                                             # whole view: old classes are only ever seen masked, and without it a
                                             # model learns "masked means old" where classes have many rows
+    mask_new_rule: str = "method"           # the new samples' masked views: masked as the method masks its exemplars
+                                            # ("method") or at random ("random": random-mask's rule, the same share)
     logit_adjust: float = 1.0               # > 0: while training, every logit is shifted by this times the log of
                                             # its class's share of the phase's rows (replay.logit_prior), so that
                                             # many new rows against few exemplars do not bias the head; 0 = off
@@ -121,6 +123,8 @@ class Config:
             raise ValueError(f"lowres is a downscaling factor (2, 4, 8, ...; 0 = off), got {self.lowres}")
         if self.smooth_image < 1 or self.smooth_image % 2 == 0:
             raise ValueError(f"smooth_image must be an odd number of patches (1 = off), got {self.smooth_image}")
+        if self.mask_new_rule not in ("method", "random"):
+            raise ValueError(f"mask_new_rule must be 'method' or 'random', got {self.mask_new_rule!r}")
         if self.mask_candidates < 1:
             raise ValueError(f"mask_candidates must be at least 1, got {self.mask_candidates}")
         if self.image_mask not in IMAGE_MASKS:
@@ -397,10 +401,11 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     if method in MASKING and n_mem and cfg.mask_new > 0:
         # old classes are replayed masked; show the new ones masked too (a share of the time), so
         # that "masked" never stands for "old class" and both feature distributions meet
-        noise = draw_noise(len(idx), data["patches"].shape[1], data["ids"].shape[1], gen, method, cfg)
+        rule = method if cfg.mask_new_rule == "method" else "random-mask"
+        noise = draw_noise(len(idx), data["patches"].shape[1], data["ids"].shape[1], gen, rule, cfg)
         # under torchrun: masked once, by the first process (every process draws the noise, so that
         # all of them go on drawing the same numbers from gen)
-        masked_new = ranks.broadcast(mask_sets(model, data, idx, method, cfg, noise) if ranks.is_main() else None)
+        masked_new = ranks.broadcast(mask_sets(model, data, idx, rule, cfg, noise) if ranks.is_main() else None)
     adjust = None
     if cfg.logit_adjust > 0:   # how often each seen class is shown per epoch: new rows (and their masked views), exemplars
         shown = torch.bincount(data["labels"][idx], minlength=model.n_classes).float()
@@ -606,6 +611,8 @@ def main(argv=None) -> None:
     p.add_argument("--replay", default=c.replay, choices=["epoch", "batch"],
                    help="epoch: every exemplar once per epoch beside the new data; batch: batch-size exemplars per step")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
+    p.add_argument("--mask-new-rule", choices=("method", "random"), default=c.mask_new_rule,
+                   help="how those masked views are masked: as the method masks its exemplars, or at random")
     p.add_argument("--logit-adjust", type=float, default=c.logit_adjust,
                    help="train with each logit shifted by this times the log of its class's share of the phase's "
                         "rows (logit adjustment against the new classes' many rows; 0 = off)")
@@ -625,7 +632,7 @@ def main(argv=None) -> None:
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, mask_candidates=a.mask_candidates, val=a.val,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, logit_adjust=a.logit_adjust, replay=a.replay,
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, logit_adjust=a.logit_adjust, replay=a.replay,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
         p.error(str(e))
