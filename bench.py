@@ -6,7 +6,7 @@
     python bench.py --run runs/default/exmask        # a trained run instead of the default model
     python bench.py --only masked_test --run RUN/exmask [--data D]   # has the run learned "masked = old class"?
     python bench.py --only model_speed --device cuda --compile   # ViT-B/16 vs timm, steps, matmul limit
-    python bench.py --only model_speed --only phase_loop --device cuda   # issue 9's GPU figures, one JSON
+    python bench.py --only model_speed --only phase_loop --only sdpa_shapes --device cuda   # issue 9's GPU figures, one JSON
     python bench.py --only sdpa_shapes --device cuda   # a step of new shapes with and without cuDNN attention
 
 Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
@@ -53,7 +53,7 @@ class Opts:
     device: str = "cpu"    # model_speed: "cuda" measures ViT-B/16 at 224 px in bf16 autocast
     batch: int = 0         # model_speed: images per call (0 = 256 on cuda, 16 on cpu)
     steps: int = 0         # model_speed: timed calls per row after the warmup (0 = 10 on cuda, 3 on cpu)
-    compile: bool = False  # model_speed: also the training steps under torch.compile(dynamic=True)
+    compile: bool = False  # model_speed: also the compiled steps (models.compiled); phase_loop: train.py --compile
     vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
     data: str = ""         # mask_precision (a manifest with object masks), masked_test; "" = the embedded data
     sizes: tuple = (5000, 50000)  # data_scale: manifest sizes (images)
@@ -389,7 +389,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=o.device, help="model_speed: cpu or cuda")
     p.add_argument("--batch", type=int, default=o.batch, help="model_speed: images per call (0 = 256 cuda, 16 cpu)")
     p.add_argument("--steps", type=int, default=o.steps, help="model_speed: timed calls per row (0 = 10 cuda, 3 cpu)")
-    p.add_argument("--compile", action="store_true", help="model_speed: also the compiled training steps")
+    p.add_argument("--compile", action="store_true",
+                   help="model_speed: also the compiled steps; phase_loop: the loop as train.py --compile runs it")
     p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
     p.add_argument("--data", default=o.data, help="mask_precision (a manifest with object masks), masked_test: the data (default: embedded)")
     p.add_argument("--sizes", default=",".join(map(str, o.sizes)), help="data_scale: manifest sizes, comma-separated")
