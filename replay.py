@@ -85,20 +85,30 @@ def adjusted(logits: torch.Tensor, adjust: torch.Tensor | None) -> torch.Tensor:
 
 
 def new_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, device: str,
-             adjust: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of dataset rows `rows`, whole."""
+             adjust: torch.Tensor | None = None, with_logits: bool = False):
+    """Cross-entropy of dataset rows `rows`, whole (with_logits: and their logits (n, C))."""
     x = to_device(data["patches"][rows], device)
     ids = exmask.trim_ids(data["ids"][rows], model.cfg.text.pad_id)   # the text tower skips the padding
     logits = model.forward_tokens(x, M.all_patches(x), to_device(ids, device))
-    return F.cross_entropy(adjusted(logits, adjust), to_device(data["labels"][rows], device))
+    loss = F.cross_entropy(adjusted(logits, adjust), to_device(data["labels"][rows], device))
+    return (loss, logits) if with_logits else loss
 
 
 def masked_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int,
-                device: str, lowres: int = 0, adjust: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of new-phase rows `rows` shown masked (see masked_batch)."""
+                device: str, lowres: int = 0, adjust: torch.Tensor | None = None, with_logits: bool = False):
+    """Cross-entropy of new-phase rows `rows` shown masked (see masked_batch; with_logits: and their
+    logits (n, C))."""
     nb = masked_batch(data, rows, m, sel, pad, device, lowres, model.cfg.vit.patch_size)
     logits = model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"])
-    return F.cross_entropy(adjusted(logits, adjust), nb["labels"])
+    loss = F.cross_entropy(adjusted(logits, adjust), nb["labels"])
+    return (loss, logits) if with_logits else loss
+
+
+def consistency(masked: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(whole) || softmax(masked)), the mean over rows: how far a masked view's prediction
+    (B, C) is from its whole sample's (B, C), which it is pulled toward (no gradient reaches whole)."""
+    return F.kl_div(masked.float().log_softmax(-1), whole.detach().float().log_softmax(-1), log_target=True,
+                    reduction="batchmean")
 
 
 def replay_loss(model: M.TwoTower, r: dict, adjust: torch.Tensor | None = None) -> torch.Tensor:

@@ -204,3 +204,27 @@ def test_mask_new_rule_masks_the_new_views_at_random(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "train", lambda cfg: seen.setdefault("cfg", cfg))
     T.main(["--mask-new-rule", "random", "--out", str(tmp_path / "o")])
     assert seen["cfg"].mask_new_rule == "random"
+
+
+def test_consistency_pulls_masked_views_toward_their_whole_view(tmp_path, monkeypatch):
+    """replay.consistency is KL(whole || masked): 0 for the same prediction, more the further apart,
+    and its gradient reaches only the masked logits. --consistency W adds it with weight W to each
+    new sample's masked view in training: another run, recorded in results.json."""
+    import train as T
+    from replay import consistency
+    whole = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    assert consistency(whole.detach().clone(), whole).item() == pytest.approx(0.0, abs=1e-7)
+    near, far = whole.detach() + torch.tensor([0.1, 0.0, 0.0]), whole.detach().flip(1)
+    masked = far.clone().requires_grad_()
+    assert 0 < consistency(near, whole).item() < consistency(far, whole).item()
+    consistency(masked, whole).backward()
+    assert masked.grad.abs().sum() > 0 and whole.grad is None
+    base = T.train(tiny_train_cfg(tmp_path / "a", methods="exmask"))[0]
+    tied = T.train(tiny_train_cfg(tmp_path / "b", methods="exmask", consistency=2.0))[0]
+    assert tied["settings"]["consistency"] == 2.0 and base["settings"]["consistency"] == 0.0
+    assert tied["accuracy_matrix"] != base["accuracy_matrix"]
+    with pytest.raises(ValueError, match="consistency"):
+        T.Config(consistency=-1)
+    monkeypatch.setattr(T.ranks, "world_size", lambda: 2)   # under torchrun: refused up front
+    with pytest.raises(SystemExit, match="one process"):
+        T.train(tiny_train_cfg(tmp_path / "c", methods="exmask", consistency=1.0))

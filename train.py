@@ -73,6 +73,8 @@ class Config:
                                             # model learns "masked means old" where classes have many rows
     mask_new_rule: str = "method"           # the new samples' masked views: masked as the method masks its exemplars
                                             # ("method") or at random ("random": random-mask's rule, the same share)
+    consistency: float = 0.0                # weight of a term pulling each new sample's masked view's prediction
+                                            # toward its whole view's (replay.consistency; with mask_new > 0)
     logit_adjust: float = 1.0               # > 0: while training, every logit is shifted by this times the log of
                                             # its class's share of the phase's rows (replay.logit_prior), so that
                                             # many new rows against few exemplars do not bias the head; 0 = off
@@ -112,6 +114,8 @@ class Config:
         bad = [m for m in self.method_list if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        if self.consistency < 0:
+            raise ValueError(f"consistency is a loss weight and must be 0 (off) or more, got {self.consistency}")
         if self.logit_adjust < 0:
             raise ValueError(f"logit_adjust scales a log prior and must be 0 (off) or more, got {self.logit_adjust}")
         for k in ("keep_image", "keep_text", "recombine", "token_mixup", "mask_new"):
@@ -269,8 +273,8 @@ REPLAY_MAX = 256        # most exemplars replayed in one step (epoch mode); a la
 
 
 from replay import (  # noqa: E402,F401  (re-exported: tests and benchmarks patch train.replay_batch etc.)
-    logit_prior, masked_batch, masked_loss, memory_bank, mixed_ce, new_loss, replay_batch, replay_loss, share,
-    to_device)
+    consistency, logit_prior, masked_batch, masked_loss, memory_bank, mixed_ce, new_loss, replay_batch, replay_loss,
+    share, to_device)
 
 
 # ----------------------------------------------------------------------------- one method
@@ -429,15 +433,22 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                 # each process forwards its shard of them (ranks.shard) and adds its share of the loss
                 loss, n = None, 0
                 with autocast(device):
+                    tie = cfg.consistency > 0 and masked_new is not None   # one process only (train checks)
+                    whole = None
                     if len(b):
                         mine = ranks.shard(b)
-                        loss, n = share(len(mine), len(b), new_loss, model, data, mine, device, adjust), len(b)
+                        loss = share(len(mine), len(b), new_loss, model, data, mine, device, adjust, tie)
+                        loss, whole = loss if tie else (loss, None)
+                        n = len(b)
                     if masked_new is not None:
-                        sel = p[torch.rand(len(p), generator=gen) < cfg.mask_new]
+                        drawn = torch.rand(len(p), generator=gen) < cfg.mask_new
+                        sel = p[drawn]
                         if len(sel):
                             mine = ranks.shard(sel)
                             lm = share(len(mine), len(sel), masked_loss, model, data, idx[mine], masked_new, mine,
-                                       pad, device, cfg.lowres, adjust)
+                                       pad, device, cfg.lowres, adjust, tie)
+                            if tie:   # each masked view pulled toward its own whole view's prediction
+                                lm = lm[0] + cfg.consistency * consistency(lm[1], whole[drawn])
                             loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
                             n += len(sel)
                     rows = (order[s * per_step:(s + 1) * per_step] if cfg.replay == "epoch" else
@@ -469,6 +480,8 @@ def train(cfg: Config = Config()) -> list[dict]:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but no GPU is visible to PyTorch")
     cfg = replace(cfg, device=ranks.setup(cfg.device, cfg.dist_timeout))   # one process: as given
+    if cfg.consistency > 0 and ranks.world_size() > 1:   # it pairs each masked view with its whole view's logits
+        raise SystemExit("error: --consistency runs in one process; leave it out under torchrun")
     cfg = replace(cfg, quiet=cfg.quiet or not ranks.is_main())
     con = console(cfg)
     name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
@@ -611,6 +624,8 @@ def main(argv=None) -> None:
     p.add_argument("--replay", default=c.replay, choices=["epoch", "batch"],
                    help="epoch: every exemplar once per epoch beside the new data; batch: batch-size exemplars per step")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
+    p.add_argument("--consistency", type=float, default=c.consistency,
+                   help="weight pulling a new sample's masked view's prediction toward its whole view's (0 = off)")
     p.add_argument("--mask-new-rule", choices=("method", "random"), default=c.mask_new_rule,
                    help="how those masked views are masked: as the method masks its exemplars, or at random")
     p.add_argument("--logit-adjust", type=float, default=c.logit_adjust,
@@ -632,7 +647,7 @@ def main(argv=None) -> None:
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, mask_candidates=a.mask_candidates, val=a.val,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, logit_adjust=a.logit_adjust, replay=a.replay,
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, replay=a.replay,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
         p.error(str(e))
