@@ -253,7 +253,7 @@ def mask_precision(o: Opts) -> dict:
 def masked_test(o: Opts) -> dict:
     """Has a trained run (--run: train.py's <out>/<method>, on the default towers) learned that a
     masked image means an old class? Its test rows of --data (the embedded data by default), each
-    image whole and shown as a masked exemplar would be (K random patches: the default share and
+    image whole and shown as a masked exemplar would be (K random patches: the run's share and
     twice it): accuracy on the classes of the phases before the last ("old") and of the last phase,
     and the share of old classes' rows it puts in a last-phase class. Old exemplars are replayed
     masked and new rows seen whole, so a model that took that cue scores its old classes well
@@ -271,7 +271,8 @@ def masked_test(o: Opts) -> dict:
     if model.cfg.vit != mcfg.vit or model.cfg.text.context != mcfg.text.context:
         raise SystemExit("error: masked_test reads runs on the default towers (their tokenizer and image size)")
     tok = D.load_tokenizer(o.run) if any(os.path.exists(os.path.join(o.run, f)) for f in D.TOKENIZER_FILES) else tok
-    per_phase = torch.load(os.path.join(o.run, "checkpoint.pt"), map_location="cpu", weights_only=True)["classes_per_phase"]
+    ck = torch.load(os.path.join(o.run, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    per_phase, share = ck["classes_per_phase"], ck.get("run", {}).get("keep_image", cfg.keep_image)   # the run's own share
     raw = read_data(cfg, mcfg.vit.image_size)
     where = {n: i for i, n in enumerate(names)}
     if set(raw["class_names"]) != set(where):
@@ -280,7 +281,7 @@ def masked_test(o: Opts) -> dict:
     te = raw["is_test"].nonzero().flatten()
     patches, ids = Patches(raw["images"], mcfg.vit.patch_size), D.encode_texts(tok, raw["texts"], mcfg.text.context)
     N, first_new = patches.shape[1], len(names) - per_phase[-1]
-    K0 = exmask.keep_count(N, cfg.keep_image)
+    K0 = exmask.keep_count(N, share)
     gen = torch.Generator().manual_seed(0)
     res = {"data": o.data or "embedded", "run": o.run, "test_rows": len(te), "last_phase_classes": per_phase[-1], "rows": []}
     for K in (N, K0, 2 * K0):

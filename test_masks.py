@@ -391,7 +391,7 @@ def test_bench_masked_test_reads_a_trained_run(tmp_path, monkeypatch):
     path = R.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
                          min_themes=2, size=32, log=lambda *a: None)
     monkeypatch.setenv("EXMASK_CACHE", str(tmp_path / "cache"))
-    cfg = tiny_train_cfg(tmp_path, methods="exmask", data=path)
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", data=path, keep_image=0.25)
     T.train(cfg)
     tiny = towers.backbone(cfg, "cpu", T.console(cfg))            # the run's towers stand for the default ones
     monkeypatch.setattr(towers, "default_backbone", lambda *a, **k: tiny)
@@ -399,7 +399,8 @@ def test_bench_masked_test_reads_a_trained_run(tmp_path, monkeypatch):
     run = os.path.join(cfg.out, "exmask")
     bench.main(["--only", "masked_test", "--run", run, "--data", path, "--threads", "1", "--out", out])
     res = json.load(open(out))["results"]["masked_test"]
-    K0 = exmask.keep_count(16, T.Config().keep_image)
+    K0 = exmask.keep_count(16, 0.25)                                # the run's share, not the default's
+    assert K0 != exmask.keep_count(16, T.Config().keep_image)
     assert res["test_rows"] == 6 and res["last_phase_classes"] == 2 and [r["kept_patches"] for r in res["rows"]] == [16, K0, 2 * K0]
     for r in res["rows"]:
         assert all(0 <= r[k] <= 100 for k in ("old_class_accuracy", "last_phase_accuracy", "old_rows_put_in_last_phase"))
