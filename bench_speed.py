@@ -341,7 +341,7 @@ def phase_loop(o, base=None) -> dict:
             setattr(T, k, fn)
 
     # every step again, alone: the same shapes (new batch; from phase 2 on, with --mask-new, those
-    # rows again masked at the kept share; replayed exemplars at the kept share)
+    # rows again masked at the kept share, in one pass with the exemplars replayed at the kept share)
     phase_cls = D.phase_classes(list(range(len(data["class_names"]))), cfg.phases)
     N, P = data["patches"].shape[1:]
     K = exmask.keep_count(N, cfg.keep_image)
@@ -369,12 +369,11 @@ def phase_loop(o, base=None) -> dict:
             def step():
                 with amp:
                     loss = F.cross_entropy(model.forward_tokens(x, M.all_patches(x), ids[:B]).float(), y[:B])
-                    if Bm:
-                        lm = F.cross_entropy(model.forward_tokens(xm, midx, ids[:Bm]).float(), y[:Bm])
-                        loss = (loss * B + lm * Bm) / (B + Bm)
-                    if R:
-                        lr_ = F.cross_entropy(model.forward_tokens(xr, pidx, ids[B:]).float(), y[B:])
-                        loss = (loss * (B + Bm) + lr_ * R) / (B + Bm + R)
+                    if Bm or R:   # the masked new views and the replayed exemplars in one pass, as the loop
+                        lo = F.cross_entropy(model.forward_tokens(torch.cat([xm, xr]), torch.cat([midx, pidx]),
+                                                                  torch.cat([ids[:Bm], ids[B:]])).float(),
+                                             torch.cat([y[:Bm], y[B:]]))
+                        loss = (loss * B + lo * (Bm + R)) / (B + Bm + R)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

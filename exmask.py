@@ -326,6 +326,38 @@ def take(batch: dict, rows: torch.Tensor, pad_id: int, L: int | None = None) -> 
     return dict(out, ids=out["ids"][:, :L], pos=out["pos"][:, :L])
 
 
+def concat(batches: list[dict], pad_id: int) -> dict:
+    """Batches in collate's layout, one after another in one batch: captions padded to the longest
+    (pad_to), patches to the most kept, the padding marked out by patch_keep (B, K) as collate marks
+    it; mixup fields (lam, labels_b) where any batch has them, the others' rows unmixed (lam 1). An
+    unused modality's stand-in (no patches, or a lone pad token) is padded like the rest."""
+    if len(batches) == 1:
+        return batches[0]
+    L = max(b["ids"].shape[1] for b in batches)
+    K = max(b["pixels"].shape[1] for b in batches)
+    P = max(b["pixels"].shape[2] for b in batches if b["pixels"].shape[1]) if K else batches[0]["pixels"].shape[2]
+    parts = {k: [] for k in ("pixels", "patch_idx", "patch_keep", "ids", "pos", "labels", "labels_b", "lam")}
+    for b in batches:
+        B, k = b["pixels"].shape[:2]
+        px = b["pixels"] if k else b["pixels"].new_zeros(B, 0, P)
+        real = b.get("patch_keep", torch.ones(B, k, dtype=torch.bool, device=px.device))
+        parts["pixels"].append(F.pad(px, (0, 0, 0, K - k)))                              # (B, K, P)
+        parts["patch_idx"].append(F.pad(b["patch_idx"], (0, K - k)))                   # the padding at 0, masked out
+        parts["patch_keep"].append(F.pad(real, (0, K - k), value=False))
+        t = pad_to(b, L, pad_id)
+        parts["ids"].append(t["ids"])
+        parts["pos"].append(t["pos"])
+        parts["labels"].append(b["labels"])
+        parts["labels_b"].append(b.get("labels_b", b["labels"]))
+        parts["lam"].append(b.get("lam", torch.ones(B, device=px.device)))
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    if not any("patch_keep" in b for b in batches) and len({b["pixels"].shape[1] for b in batches}) == 1:
+        del out["patch_keep"]          # every patch real: no mask (the plain attention path)
+    if not any("lam" in b for b in batches):
+        del out["labels_b"], out["lam"]
+    return out
+
+
 # ----------------------------------------------------------------------------- mixup replay
 
 def pad_to(batch: dict, L: int, pad_id: int) -> dict:

@@ -60,13 +60,18 @@ def memory_bank(memory: Memory, pad: int, device: str, n_patches: int = 0) -> di
             "starts": (counts.cumsum(0) - counts)[group], "counts": counts[group]}
 
 
-def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
-    """Cross-entropy against lam * y_a + (1 - lam) * y_b (plain CE where there is no lam)."""
+def row_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
+    """Each row's cross-entropy (B,) against lam * y_a + (1 - lam) * y_b (plain CE where there is no lam)."""
+    ce = F.cross_entropy(logits, r["labels"], reduction="none")
     if "lam" not in r:
-        return F.cross_entropy(logits, r["labels"])
+        return ce
     lam = r["lam"]
-    return (lam * F.cross_entropy(logits, r["labels"], reduction="none")
-            + (1 - lam) * F.cross_entropy(logits, r["labels_b"], reduction="none")).mean()
+    return lam * ce + (1 - lam) * F.cross_entropy(logits, r["labels_b"], reduction="none")
+
+
+def mixed_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
+    """The mean of row_ce."""
+    return row_ce(logits, r).mean()
 
 
 def logit_prior(counts: torch.Tensor, tau: float) -> torch.Tensor:
@@ -94,16 +99,6 @@ def new_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, device: str,
     return (loss, logits) if with_logits else loss
 
 
-def masked_loss(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, sel: torch.Tensor, pad: int,
-                device: str, lowres: int = 0, adjust: torch.Tensor | None = None, with_logits: bool = False):
-    """Cross-entropy of new-phase rows `rows` shown masked (see masked_batch; with_logits: and their
-    logits (n, C))."""
-    nb = masked_batch(data, rows, m, sel, pad, device, lowres, model.cfg.vit.patch_size)
-    logits = model.forward_tokens(nb["pixels"], nb["patch_idx"], nb["ids"], nb["pos"])
-    loss = F.cross_entropy(adjusted(logits, adjust), nb["labels"])
-    return (loss, logits) if with_logits else loss
-
-
 def consistency(masked: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """KL(softmax(whole) || softmax(masked)), the mean over rows: how far a masked view's prediction
     (B, C) is from its whole sample's (B, C), which it is pulled toward (no gradient reaches whole)."""
@@ -111,10 +106,22 @@ def consistency(masked: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean")
 
 
-def replay_loss(model: M.TwoTower, r: dict, adjust: torch.Tensor | None = None) -> torch.Tensor:
-    """Mixup cross-entropy of a replay batch (replay_batch)."""
-    return mixed_ce(adjusted(model.forward_tokens(r["pixels"], r["patch_idx"], r["ids"], r["pos"], r.get("patch_keep")),
-                             adjust), r)
+def masked_and_replay(model: M.TwoTower, m: dict | None, r: dict | None, n_m: int, n_r: int, pad: int,
+                      adjust: torch.Tensor | None = None) -> tuple:
+    """A step's new rows shown masked (masked_batch, or None) and its replayed exemplars (replay_batch,
+    or None) in one forward pass: both keep a share of the patches, so they batch together
+    (exmask.concat) and the step runs one pass fewer than with each apart. -> (masked loss, replay
+    loss, masked logits (n, C)), each loss as share() gives it, the sum over this process's rows
+    divided by the step's n_m or n_r (None where there are none)."""
+    parts = [b for b in (m, r) if b is not None]
+    if not parts:
+        return None, None, None
+    j = exmask.concat(parts, pad)
+    logits = model.forward_tokens(j["pixels"], j["patch_idx"], j["ids"], j["pos"], j.get("patch_keep"))
+    per = row_ce(adjusted(logits, adjust), j)                                        # (n + R,)
+    a = len(m["labels"]) if m is not None else 0
+    return (per[:a].sum() / n_m if n_m else None, per[a:].sum() / n_r if n_r else None,
+            logits[:a] if m is not None else None)
 
 
 def share(n_mine: int, n_all: int, loss_of, *args) -> torch.Tensor:

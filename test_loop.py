@@ -267,3 +267,40 @@ def test_random_masks_skip_the_models_signals(tmp_path, monkeypatch):
     assert torch.equal(alone["keep_idx"], given["keep_idx"]) and alone["keep"] is given["keep"] is None
     with pytest.raises(RuntimeError, match="signals computed"):   # a rule that needs them still asks
         E.mask_sets(model, data, rows, "exmask", cfg, noise)
+
+
+def test_masked_views_and_replay_in_one_forward_pass_give_each_loss_as_apart():
+    """exmask.concat joins a step's masked new views and its replay batch (other patch counts, other
+    caption lengths, mixup fields on one side only); replay.masked_and_replay's terms from the one
+    pass equal each batch's own loss (the mean over its rows, times its share of the step's rows)
+    and the masked rows' logits equal theirs alone."""
+    from replay import masked_and_replay, mixed_ce
+    from test_exmask import tiny_model_cfg
+    torch.manual_seed(0)
+    model = M.TwoTower(tiny_model_cfg(), 3).eval()
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(9):   # 16 patches of 48 values (the tiny towers), 4 or 6 kept; captions of 3 to 9 tokens
+        L = int(torch.randint(3, 10, (), generator=g))
+        ids = torch.nn.functional.pad(torch.randint(4, 40, (L,), generator=g), (0, 12 - L))
+        items.append(exmask.encode(torch.randint(0, 255, (16, 48), generator=g).to(torch.uint8), ids, i % 3, 50, 0,
+                                   idx=torch.randperm(16, generator=g)[:4 + 2 * (i % 2)].sort().values))
+    rep = exmask.collate(items[:5], 0)
+    b = exmask.collate(items[5:], 0)
+    mixed = exmask.token_mixup(rep, exmask.take(rep, torch.tensor([4, 3, 2, 1, 0]), 0), torch.tensor([1.0, .5, .2, 0., .7]),
+                               0, torch.Generator().manual_seed(0))
+    mb = {k: b[k] for k in ("pixels", "patch_idx", "ids", "pos", "labels")}
+    mb = dict(mb, pixels=mb["pixels"][:, :3], patch_idx=mb["patch_idx"][:, :3], ids=mb["ids"][:, :2], pos=mb["pos"][:, :2])
+    j = exmask.concat([mb, mixed], 0)
+    assert j["pixels"].shape[1] == max(3, mixed["pixels"].shape[1]) and j["lam"][:len(mb["labels"])].eq(1).all()
+    adjust = torch.tensor([0.1, -0.2, 0.3])
+    with torch.no_grad():
+        lm, lr, logits = masked_and_replay(model, mb, mixed, 7, 10, 0, adjust)
+        alone_m = model.forward_tokens(mb["pixels"], mb["patch_idx"], mb["ids"], mb["pos"])
+        alone_r = model.forward_tokens(mixed["pixels"], mixed["patch_idx"], mixed["ids"], mixed["pos"], mixed.get("patch_keep"))
+    torch.testing.assert_close(logits, alone_m)
+    torch.testing.assert_close(lm, torch.nn.functional.cross_entropy(alone_m + adjust, mb["labels"]) * len(mb["labels"]) / 7)
+    torch.testing.assert_close(lr, mixed_ce(alone_r + adjust, mixed) * 5 / 10)
+    assert masked_and_replay(model, None, None, 0, 0, 0) == (None, None, None)
+    one = masked_and_replay(model, None, mixed, 0, 5, 0)
+    assert one[0] is None and one[2] is None

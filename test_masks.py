@@ -586,3 +586,45 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
     assert C.load_checkpoint(path, dict(run, logit_adjust=0.0), defaults)["run"] == old
     with pytest.raises(SystemExit, match="logit_adjust"):
         C.load_checkpoint(path, dict(run, logit_adjust=T.Config().logit_adjust), defaults)
+
+
+def test_allot_feature_shares_a_class_s_patches_by_fidelity_in_the_same_bytes(tmp_path):
+    """--allot feature: a class's stored exemplars keep different numbers of patches (K // 2 .. 2 K)
+    that add up to what --allot even gives them, in the same bytes, and each row's mask is the most
+    faithful of its candidates at its own count; --allot even keeps K each."""
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25)
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4).eval()
+    model.load_state_dict(state, strict=False)
+    N, P = data["patches"].shape[1:]
+    K = exmask.keep_count(N, cfg.keep_image)
+    out = {}
+    for allot in ("even", "feature"):
+        c = replace(cfg, allot=allot)
+        out[allot], _ = E.candidates(model, data, [0], "exmask", c, torch.Generator().manual_seed(0), quota=3000)
+    even, fed = out["even"][0], out["feature"][0]
+    assert {len(ex["pixels"]) for ex in even} == {K}
+    counts = [len(ex["pixels"]) for ex in fed]
+    assert len(fed) == len(even) and sum(counts) == K * len(even) and len(set(counts)) > 1
+    assert all(K // 2 <= k <= 2 * K for k in counts)
+    assert sum(exmask.nbytes(ex) for ex in fed) == sum(exmask.nbytes(ex) for ex in even) <= 3000
+    # allot_keep directly: each row's mask is its best candidate at its count
+    rows = (data["is_train"] & (data["labels"] == 0)).nonzero().flatten()[:6]
+    x = data["patches"][rows]
+    sig = E.signals(model, data, rows, cfg)
+    noise = E.draw_noise(len(rows), N, data["ids"].shape[1], torch.Generator().manual_seed(1), "exmask", cfg)["image"]
+    kept = E.allot_keep(model, x, sig["feats"], noise, K, cfg)
+    assert sum(len(k) for k in kept) == K * len(rows)
+    with torch.no_grad():
+        full = model.image(x, M.all_patches(x))
+        for i, k in enumerate(kept):
+            assert torch.equal(k, k.sort().values)
+            fid = lambda idx: torch.nn.functional.cosine_similarity(
+                model.image(M.gather_tokens(x[i:i + 1], idx[None]), idx[None]), full[i:i + 1], dim=-1)
+            assert all(fid(k) >= fid(exmask.keep_top(u[i:i + 1], len(k))[0]) - 1e-5 for u in noise)
+    with pytest.raises(ValueError, match="allot"):
+        T.Config(allot="more")
+    with pytest.raises(ValueError, match="herding"):
+        T.Config(allot="feature", herding="masked")

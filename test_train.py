@@ -228,3 +228,41 @@ def test_consistency_pulls_masked_views_toward_their_whole_view(tmp_path, monkey
     monkeypatch.setattr(T.ranks, "world_size", lambda: 2)   # under torchrun: refused up front
     with pytest.raises(SystemExit, match="one process"):
         T.train(tiny_train_cfg(tmp_path / "c", methods="exmask", consistency=1.0))
+
+
+def test_adjust_views_gives_whole_and_masked_rows_each_their_own_prior(tmp_path, monkeypatch):
+    """--adjust-views, phase 2 of exmask: the whole rows' prior counts the new rows alone (the old
+    classes are never shown whole), the masked rows' prior the new rows' masked views and the
+    exemplars; each reaches its own loss. Without it: one prior, their sum. Replay keeps one."""
+    import train as T
+    seen, real = [], T.logit_prior
+    got = {"new": [], "masked": []}
+    real_new, real_mr = T.new_loss, T.masked_and_replay
+
+    def spy(counts, tau):
+        seen.append(counts.clone())
+        return real(counts, tau)
+
+    def new_spy(model, data, rows, device, adjust=None, *a):
+        got["new"].append(adjust)
+        return real_new(model, data, rows, device, adjust, *a)
+
+    def mr_spy(model, m, r, n_m, n_r, pad, adjust=None):
+        got["masked"].append(adjust)
+        return real_mr(model, m, r, n_m, n_r, pad, adjust)
+
+    monkeypatch.setattr(T, "logit_prior", spy)
+    monkeypatch.setattr(T, "new_loss", new_spy)
+    monkeypatch.setattr(T, "masked_and_replay", mr_spy)
+    res = T.train(tiny_train_cfg(tmp_path, methods="exmask", adjust_views=True))[0]
+    kept = res["memory"]["exemplars_per_class"]
+    assert [c.tolist() for c in seen] == [[8.0, 8.0], [0.0, 0.0, 8.0, 8.0], [kept, kept, 8.0, 8.0]]
+    whole, masked = real(seen[1], 1.0), real(seen[2], 1.0)
+    assert torch.equal(got["new"][-1], whole) and torch.equal(got["masked"][-1], masked)   # phase 2 has one step
+    assert res["settings"]["adjust_views"] is True
+    seen.clear()
+    T.train(tiny_train_cfg(tmp_path / "b", methods="exmask"))
+    assert [c.tolist() for c in seen] == [[8.0, 8.0], [kept, kept, 16.0, 16.0]]
+    seen.clear()
+    T.train(tiny_train_cfg(tmp_path / "c", methods="replay", adjust_views=True))
+    assert len(seen) == 2

@@ -63,6 +63,9 @@ class Config:
                                             # on validation rows of the real-image development set
     herding: str = "full"                   # masked methods: herd on the full samples' features ("full") or on
                                             # their masked exemplars', toward the full class mean ("masked")
+    allot: str = "even"                     # stored masked exemplars of a class: each keeps the same share ("even"),
+                                            # or they share the same patches by fidelity ("feature", exemplars.allot_keep;
+                                            # with image_mask "feature")
     mask_candidates: int = 8                # random masks the "class" and "feature" rules choose from
     smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
@@ -79,6 +82,9 @@ class Config:
                                             # its class's share of the phase's rows (replay.logit_prior), so that
                                             # many new rows against few exemplars do not bias the head; 0 = off
                                             # (both chosen on validation rows of the real-image sets)
+    adjust_views: bool = False              # masked methods: one prior for whole views (new rows only) and one for
+                                            # masked views (masked new rows, exemplars), each shifting its own rows'
+                                            # logits, instead of one for all: "whole" never says "new" to the head
     replay: str = "epoch"                   # "epoch": every exemplar once per epoch beside the new data (iCaRL);
                                             # "batch": a batch of batch_size exemplars drawn each step
     val: float = 0.0                        # > 0: carve this share of each class's training rows as a validation
@@ -135,6 +141,10 @@ class Config:
             raise ValueError(f"image_mask must be one of {', '.join(IMAGE_MASKS)}, got {self.image_mask!r}")
         if not 0 <= self.val < 1:
             raise ValueError(f"val is a share of the training rows and must lie in [0, 1), got {self.val}")
+        if self.allot not in ("even", "feature"):
+            raise ValueError(f"allot must be 'even' or 'feature', got {self.allot!r}")
+        if self.allot == "feature" and self.herding == "masked":
+            raise ValueError("allot 'feature' shares a class's patches among the rows herding chose: use herding 'full'")
         if self.herding not in ("full", "masked"):
             raise ValueError(f"herding must be 'full' or 'masked', got {self.herding!r}")
         if self.replay not in ("epoch", "batch"):
@@ -273,7 +283,7 @@ REPLAY_MAX = 256        # most exemplars replayed in one step (epoch mode); a la
 
 
 from replay import (  # noqa: E402,F401  (re-exported: tests and benchmarks patch train.replay_batch etc.)
-    consistency, logit_prior, masked_batch, masked_loss, memory_bank, mixed_ce, new_loss, replay_batch, replay_loss,
+    consistency, logit_prior, masked_and_replay, masked_batch, memory_bank, mixed_ce, new_loss, replay_batch, row_ce,
     share, to_device)
 
 
@@ -410,14 +420,18 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
         # under torchrun: masked once, by the first process (every process draws the noise, so that
         # all of them go on drawing the same numbers from gen)
         masked_new = ranks.broadcast(mask_sets(model, data, idx, rule, cfg, noise) if ranks.is_main() else None)
-    adjust = None
+    adjust = adjust_masked = None
     if cfg.logit_adjust > 0:   # how often each seen class is shown per epoch: new rows (and their masked views), exemplars
-        shown = torch.bincount(data["labels"][idx], minlength=model.n_classes).float()
-        shown *= 1 + (cfg.mask_new if masked_new is not None else 0)
+        n_whole = torch.bincount(data["labels"][idx], minlength=model.n_classes).float()
+        n_masked = n_whole * (cfg.mask_new if masked_new is not None else 0)
         if n_mem:
             kept = torch.tensor([len(memory.classes.get(c, ())) for c in range(model.n_classes)], dtype=torch.float)
-            shown += kept if cfg.replay == "epoch" else kept * (per_epoch * cfg.batch_size / n_mem)
-        adjust = to_device(logit_prior(shown, cfg.logit_adjust), device)
+            n_masked = n_masked + (kept if cfg.replay == "epoch" else kept * (per_epoch * cfg.batch_size / n_mem))
+        if cfg.adjust_views and method in MASKING and n_mem:   # each view its own prior (exemplars are masked)
+            adjust = to_device(logit_prior(n_whole, cfg.logit_adjust), device)
+            adjust_masked = to_device(logit_prior(n_masked, cfg.logit_adjust), device)
+        else:
+            adjust = adjust_masked = to_device(logit_prior(n_whole + n_masked, cfg.logit_adjust), device)
     model.train()
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
@@ -440,22 +454,27 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                         loss = share(len(mine), len(b), new_loss, model, data, mine, device, adjust, tie)
                         loss, whole = loss if tie else (loss, None)
                         n = len(b)
-                    if masked_new is not None:
-                        drawn = torch.rand(len(p), generator=gen) < cfg.mask_new
-                        sel = p[drawn]
-                        if len(sel):
-                            mine = ranks.shard(sel)
-                            lm = share(len(mine), len(sel), masked_loss, model, data, idx[mine], masked_new, mine,
-                                       pad, device, cfg.lowres, adjust, tie)
-                            if tie:   # each masked view pulled toward its own whole view's prediction
-                                lm = lm[0] + cfg.consistency * consistency(lm[1], whole[drawn])
-                            loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
-                            n += len(sel)
+                    drawn = (torch.rand(len(p), generator=gen) < cfg.mask_new if masked_new is not None else
+                             torch.zeros(len(p), dtype=torch.bool))
+                    sel = p[drawn]
                     rows = (order[s * per_step:(s + 1) * per_step] if cfg.replay == "epoch" else
                             torch.randint(n_mem, (cfg.batch_size,), generator=gen) if n_mem else order)
+                    # the new rows shown masked and the replayed exemplars: one forward pass
+                    mine = ranks.shard(sel)
+                    mb = masked_batch(data, idx[mine], masked_new, mine, pad, device, cfg.lowres,
+                                      model.cfg.vit.patch_size) if len(mine) else None
+                    rb = ranks.shard_batch(replay_batch(bank, rows, cfg, method, pad, gen)) if len(rows) else None
+                    if rb is not None and not len(rb["labels"]):
+                        rb = None
+                    lm, lr_, mlogits = masked_and_replay(model, mb, rb, len(sel), len(rows), pad, adjust_masked)
+                    if len(sel):
+                        lm = torch.zeros((), device=device) if lm is None else lm   # this process has none of them
+                        if tie:   # each masked view pulled toward its own whole view's prediction
+                            lm = lm + cfg.consistency * consistency(mlogits, whole[drawn])
+                        loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
+                        n += len(sel)
                     if len(rows):
-                        r = ranks.shard_batch(replay_batch(bank, rows, cfg, method, pad, gen))
-                        lr_ = share(len(r["labels"]), len(rows), replay_loss, model, r, adjust)
+                        lr_ = torch.zeros((), device=device) if lr_ is None else lr_
                         if loss is None:
                             loss = lr_
                         elif cfg.replay == "batch":   # old and new weigh the same, whatever their numbers
@@ -613,6 +632,9 @@ def main(argv=None) -> None:
     p.add_argument("--herding", default=c.herding, choices=["full", "masked"],
                    help="masked methods choose exemplars by herding the full samples' features, or their masked "
                         "exemplars' toward the full class mean")
+    p.add_argument("--allot", default=c.allot, choices=["even", "feature"],
+                   help="a class's masked exemplars keep the same share of patches each (even), or share them by "
+                        "how much each one's fidelity gains (feature; with --image-mask feature)")
     p.add_argument("--mask-candidates", type=int, default=c.mask_candidates,
                    help="random masks the feature and class rules choose the best of")
     p.add_argument("--val", type=float, default=c.val,
@@ -628,6 +650,8 @@ def main(argv=None) -> None:
                    help="weight pulling a new sample's masked view's prediction toward its whole view's (0 = off)")
     p.add_argument("--mask-new-rule", choices=("method", "random"), default=c.mask_new_rule,
                    help="how those masked views are masked: as the method masks its exemplars, or at random")
+    p.add_argument("--adjust-views", action="store_true",
+                   help="masked methods: logit adjustment with one prior for whole views and one for masked views")
     p.add_argument("--logit-adjust", type=float, default=c.logit_adjust,
                    help="train with each logit shifted by this times the log of its class's share of the phase's "
                         "rows (logit adjustment against the new classes' many rows; 0 = off)")
@@ -646,8 +670,8 @@ def main(argv=None) -> None:
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
-                     smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, mask_candidates=a.mask_candidates, val=a.val,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, replay=a.replay,
+                     smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, allot=a.allot, mask_candidates=a.mask_candidates, val=a.val,
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=a.adjust_views, replay=a.replay,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
         p.error(str(e))
