@@ -106,35 +106,6 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
 
 
 @torch.no_grad()
-def allot_keep(model: M.TwoTower, x: torch.Tensor, feats: torch.Tensor, noise: torch.Tensor, K: int, cfg) -> list:
-    """Kept patches when n exemplars share n * K patches unevenly (cfg.allot "feature"): each row's
-    fidelity at every count k from K // 2 to 2 K (the cosine between its masked and its full image
-    embedding, the best of the C candidate masks, nested: the top k of the same noise), then one patch
-    at a time to the row whose fidelity it raises most. The same bytes as K each (every row's other
-    bytes are its own either way). x (n, N, P) on the device, feats (n, F) its fused features, noise
-    (C, n, N) -> n index tensors (k_i,), ascending."""
-    n, N = x.shape[:2]
-    lo, hi = max(1, K // 2), min(N, 2 * K)
-    dev, C = x.device, len(noise)
-    E = feats.shape[1] - (model.cfg.text.embed_dim or model.cfg.text.dim) * model.use_text
-    full = feats[:, :E].float().to(dev)                                                # (n, E)
-    fid = torch.full((hi + 2, n), -2.0)                                                # fid[k]: best cosine at k
-    pick = torch.zeros(hi + 2, n, dtype=torch.long)                                    # and its candidate
-    with autocast(cfg.device):
-        for k in range(lo, hi + 1):
-            idx = torch.stack([exmask.keep_top(u, k) for u in noise]).to(dev)          # (C, n, k)
-            v = exmask.masked_view(x.repeat(C, 1, 1), None, idx.flatten(0, 1), None, 0,
-                                   model.cfg.vit.patch_size, cfg.lowres)
-            emb = model.image(v["pixels"], v["patch_idx"]).float()                      # (C n, E)
-            fid[k], pick[k] = F.cosine_similarity(emb, full.repeat(C, 1), dim=-1).view(C, n).cpu().max(0)
-    k = torch.full((n,), lo)
-    for _ in range(n * (K - lo)):                 # greedy: the largest gain of one more patch
-        gain = torch.where(k < hi, fid[k + 1, torch.arange(n)] - fid[k, torch.arange(n)], -float("inf"))
-        k[gain.argmax()] += 1
-    return [exmask.keep_top(noise[pick[k[i], i], i][None], int(k[i]))[0] for i in range(n)]
-
-
-@torch.no_grad()
 def signals(model: M.TwoTower, data: dict, rows: torch.Tensor, cfg) -> dict:
     """The model's view of dataset rows, in batches of MASK_BATCH: feats (n, F) fused features (for
     herding and the feature rule), img_attn (n, N) and txt_attn (n, L) the pooling tokens'
@@ -155,12 +126,10 @@ def signals(model: M.TwoTower, data: dict, rows: torch.Tensor, cfg) -> dict:
 
 @torch.no_grad()
 def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cfg, noise: dict,
-              sig: dict | None = None, allot: bool = False) -> dict:
+              sig: dict | None = None) -> dict:
     """What the masked exemplars of dataset rows `rows` keep (method from MASKING), in batches of at
     most MASK_BATCH rows on the device: keep_idx (n, K) kept patch indices or None, keep (n, L) kept
-    tokens or None. noise: draw_noise for these rows; sig: their signals() where the caller has them.
-    allot (stored exemplars, with cfg.allot "feature" and the feature rule): the rows of a batch share
-    their patches unevenly (allot_keep), and keep_idx is a list of n index tensors."""
+    tokens or None. noise: draw_noise for these rows; sig: their signals() where the caller has them."""
     model.eval()
     dev, pad = cfg.device, model.cfg.text.pad_id
     img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
@@ -180,12 +149,7 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
         x = data["patches"][r].to(dev)
         n, N = x.shape[:2]
         dropped = torch.zeros(n, N, dtype=torch.bool)
-        if img_mode and allot and cfg.allot == "feature" and rule == "feature":
-            ki = allot_keep(model, x, sig["feats"][part].to(dev), noise["image"][:, part],
-                            exmask.keep_count(N, cfg.keep_image), cfg)
-            keep_idx.append(ki)
-            dropped = torch.stack([torch.ones(N, dtype=torch.bool).scatter_(0, i, False) for i in ki])
-        elif img_mode:
+        if img_mode:
             ki = image_keep(model, x, ids, sig["img_attn"][part] if sig else None, rule, cfg, noise["image"][:, part],
                             data["labels"][r], data["objects"][r] if "objects" in data else None,
                             sig["feats"][part].to(dev) if sig else None)
@@ -203,9 +167,7 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
                     ctx = exmask.context_scores(ta[1].float().cpu(), ia[1].float().cpu(), dropped)
                 tscore = exmask.text_scores(sig["txt_attn"][part], content, ctx, cfg.context_weight)
             keep.append(exmask.keep_text(tscore, ids, pad, cfg.keep_text))              # (n, L)
-    ragged = keep_idx and isinstance(keep_idx[0], list)
-    return {"keep_idx": (sum(keep_idx, []) if ragged else torch.cat(keep_idx)) if keep_idx else None,
-            "keep": torch.cat(keep) if keep else None}
+    return {"keep_idx": torch.cat(keep_idx) if keep_idx else None, "keep": torch.cat(keep) if keep else None}
 
 
 @torch.no_grad()
@@ -254,10 +216,7 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
             K = exmask.fill_keep(len(rows), quota, N, P, other, K)
             one = other + K * P
         ccfg = replace(cfg, keep_image=K / N)          # this class's share: keep_count(N, K / N) == K
-        # rows masked a batch at a time: one more than the quota is thought to hold (its cut is exact); with
-        # --allot feature, the rows it holds, which share their patches
-        spare = 0 if cfg.allot == "feature" and masked else 1
-        step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // one + spare))
+        step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // one + 1))
         sig = signals(model, data, rows, cfg)
         noise = draw_noise(len(rows), N, data["ids"].shape[1], gen, method, ccfg)
         first = []                                   # what the picture shows of this class
@@ -273,7 +232,7 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
                 r = rows[part]
                 m = ({k: None if v is None else v[part] for k, v in pre.items()} if pre is not None else
                      mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in noise.items()},
-                               {k: None if v is None else v[part] for k, v in sig.items()}, allot=True)
+                               {k: None if v is None else v[part] for k, v in sig.items()})
                      if method in MASKING else {"keep_idx": None, "keep": None})
                 patches, ids = data["patches"][r], data["ids"][r]
                 thumbs = exmask.thumbnail(patches, p, lowres) if lowres else [None] * len(part)

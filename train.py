@@ -63,9 +63,6 @@ class Config:
                                             # on validation rows of the real-image development set
     herding: str = "full"                   # masked methods: herd on the full samples' features ("full") or on
                                             # their masked exemplars', toward the full class mean ("masked")
-    allot: str = "even"                     # stored masked exemplars of a class: each keeps the same share ("even"),
-                                            # or they share the same patches by fidelity ("feature", exemplars.allot_keep;
-                                            # with image_mask "feature")
     mask_candidates: int = 8                # random masks the "class" and "feature" rules choose from
     smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
@@ -141,10 +138,6 @@ class Config:
             raise ValueError(f"image_mask must be one of {', '.join(IMAGE_MASKS)}, got {self.image_mask!r}")
         if not 0 <= self.val < 1:
             raise ValueError(f"val is a share of the training rows and must lie in [0, 1), got {self.val}")
-        if self.allot not in ("even", "feature"):
-            raise ValueError(f"allot must be 'even' or 'feature', got {self.allot!r}")
-        if self.allot == "feature" and self.herding == "masked":
-            raise ValueError("allot 'feature' shares a class's patches among the rows herding chose: use herding 'full'")
         if self.herding not in ("full", "masked"):
             raise ValueError(f"herding must be 'full' or 'masked', got {self.herding!r}")
         if self.replay not in ("epoch", "batch"):
@@ -632,9 +625,6 @@ def main(argv=None) -> None:
     p.add_argument("--herding", default=c.herding, choices=["full", "masked"],
                    help="masked methods choose exemplars by herding the full samples' features, or their masked "
                         "exemplars' toward the full class mean")
-    p.add_argument("--allot", default=c.allot, choices=["even", "feature"],
-                   help="a class's masked exemplars keep the same share of patches each (even), or share them by "
-                        "how much each one's fidelity gains (feature; with --image-mask feature)")
     p.add_argument("--mask-candidates", type=int, default=c.mask_candidates,
                    help="random masks the feature and class rules choose the best of")
     p.add_argument("--val", type=float, default=c.val,
@@ -670,7 +660,7 @@ def main(argv=None) -> None:
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
-                     smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, allot=a.allot, mask_candidates=a.mask_candidates, val=a.val,
+                     smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, mask_candidates=a.mask_candidates, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=a.adjust_views, replay=a.replay,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
