@@ -230,8 +230,9 @@ def test_budget_plan_for_the_paper_protocol():
     b = R.budget_plan(200)                                            # ViT-B/16 at 224 px, MiniLM's ids, 5 a class
     unit = 196 * 768 + 64 * 2 + 2
     assert b["full_exemplar_bytes"] == unit and b["class_bytes"] == 5 * unit and b["budget_bytes"] == 1000 * unit
-    assert b["kept_patches"] == 20 and b["replay_per_class"] == 5
-    assert b["exmask_per_class"] == 5 * unit // (20 * 768 + 25 + 64 * 2 + 2) == 48
+    assert b["kept_patches"] == 10 and b["replay_per_class"] == 5                  # 5 % of 196
+    assert b["exmask_per_class"] == 5 * unit // (10 * 768 + 25 + 64 * 2 + 2) == 96
+    assert R.budget_plan(200, keep_image=0.1)["exmask_per_class"] == 48            # the previous default
     assert R.budget_plan(101, tokens=20)["exmask_per_class"] >= b["exmask_per_class"]     # shorter captions: more
     lo = R.budget_plan(200, lowres=4)                                  # a 56 x 56 thumbnail: 1/16 of the image more
     assert lo["exmask_exemplar_bytes"] == b["exmask_exemplar_bytes"] + 3 * 56 * 56
@@ -273,7 +274,7 @@ def test_readme_protocol_commands_parse_and_quote_the_budget(monkeypatch):
         b = R.budget_plan(classes)
         for k in ("budget_bytes", "class_bytes", "full_exemplar_bytes", "exmask_exemplar_bytes"):
             assert f"{b[k]:,}" in readme
-        assert (b["replay_per_class"], b["exmask_per_class"]) == (5, 48)
+        assert (b["replay_per_class"], b["exmask_per_class"]) == (5, 96)
 
 
 def test_the_budget_plan_uses_train_py_s_default_share():
