@@ -112,13 +112,14 @@ def masked_and_replay(model: M.TwoTower, m: dict | None, r: dict | None, n_m: in
     or None) in one forward pass: both keep a share of the patches, so they batch together
     (exmask.concat) and the step runs one pass fewer than with each apart. -> (masked loss, replay
     loss, masked logits (n, C)), each loss as share() gives it, the sum over this process's rows
-    divided by the step's n_m or n_r (None where there are none)."""
-    parts = [b for b in (m, r) if b is not None]
-    if not parts:
-        return None, None, None
-    j = exmask.concat(parts, pad)
-    logits = model.forward_tokens(j["pixels"], j["patch_idx"], j["ids"], j["pos"], j.get("patch_keep"))
-    per = row_ce(adjusted(logits, adjust), j)                                        # (n + R,)
+    divided by the step's n_m or n_r: a constant 0 where this process has none of the step's rows
+    (under torchrun), None where the step has none."""
+    parts = [b for b in (m, r) if b is not None and len(b["labels"])]
+    per = logits = torch.zeros(0)
+    if parts:
+        j = exmask.concat(parts, pad)
+        logits = model.forward_tokens(j["pixels"], j["patch_idx"], j["ids"], j["pos"], j.get("patch_keep"))
+        per = row_ce(adjusted(logits, adjust), j)                                    # (n + R,)
     a = len(m["labels"]) if m is not None else 0
     return (per[:a].sum() / n_m if n_m else None, per[a:].sum() / n_r if n_r else None,
             logits[:a] if m is not None else None)

@@ -304,3 +304,7 @@ def test_masked_views_and_replay_in_one_forward_pass_give_each_loss_as_apart():
     assert masked_and_replay(model, None, None, 0, 0, 0) == (None, None, None)
     one = masked_and_replay(model, None, mixed, 0, 5, 0)
     assert one[0] is None and one[2] is None
+    # under torchrun a process may hold none of the step's rows: its terms are a constant 0
+    none = {k: v[:0] for k, v in mixed.items()}
+    lm, lr, _ = masked_and_replay(model, None, none, 3, 5, 0)
+    assert lm.item() == 0 and lr.item() == 0 and not lr.requires_grad

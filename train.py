@@ -458,17 +458,13 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
                     mb = masked_batch(data, idx[mine], masked_new, mine, pad, device, cfg.lowres,
                                       model.cfg.vit.patch_size) if len(mine) else None
                     rb = ranks.shard_batch(replay_batch(bank, rows, cfg, method, pad, gen)) if len(rows) else None
-                    if rb is not None and not len(rb["labels"]):
-                        rb = None
                     lm, lr_, mlogits = masked_and_replay(model, mb, rb, len(sel), len(rows), pad, adjust_masked)
                     if len(sel):
-                        lm = torch.zeros((), device=device) if lm is None else lm   # this process has none of them
                         if tie:   # each masked view pulled toward its own whole view's prediction
                             lm = lm + cfg.consistency * consistency(mlogits, whole[drawn])
                         loss = lm if loss is None else (loss * n + lm * len(sel)) / (n + len(sel))
                         n += len(sel)
                     if len(rows):
-                        lr_ = torch.zeros((), device=device) if lr_ is None else lr_
                         if loss is None:
                             loss = lr_
                         elif cfg.replay == "batch":   # old and new weigh the same, whatever their numbers
