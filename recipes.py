@@ -265,8 +265,11 @@ def build_imagenet_r(root: str, out: str, captions: str = "", test_share: float 
 
 # ----------------------------------------------------------------------------- the memory of a protocol
 
+KEEP_IMAGE = 0.05       # train.Config.keep_image, the default of budget_plan and `budget` (a test keeps them equal)
+
+
 def budget_plan(classes: int, memory_per_class: float = 5.0, image_size: int = 224, patch: int = 16,
-                context: int = 64, vocab_size: int = 30522, keep_image: float = 0.05, keep_text: float = 1.0,
+                context: int = 64, vocab_size: int = 30522, keep_image: float = KEEP_IMAGE, keep_text: float = 1.0,
                 tokens: int = 0, lowres: int = 0) -> dict:
     """What the memory of a protocol holds, without training, counted as train.py counts it: the
     budget's unit is one full exemplar at the longest caption (exmask.full_bytes), each class gets
@@ -575,7 +578,7 @@ def main(argv=None) -> None:
     bd.add_argument("--patch", type=int, default=16, help="patch side")
     bd.add_argument("--context", type=int, default=64, help="caption positions (train.py keeps 64 of a BERT tower's)")
     bd.add_argument("--vocab", type=int, default=30522, help="text vocabulary size (MiniLM/BERT: 30,522)")
-    bd.add_argument("--keep-image", type=float, default=0.05, help="share of patches exmask keeps (train.py's default)")
+    bd.add_argument("--keep-image", type=float, default=KEEP_IMAGE, help="share of patches exmask keeps (train.py's default)")
     bd.add_argument("--keep-text", type=float, default=1.0, help="share of caption tokens exmask keeps (1 = whole)")
     bd.add_argument("--lowres", type=int, default=0, help="exmask also stores each image at 1/LOWRES of its side (0 = no)")
     bd.add_argument("--tokens", type=int, default=0, help="tokens of a stored caption (0 = the context: fewest exemplars)")

@@ -277,8 +277,13 @@ def test_readme_protocol_commands_parse_and_quote_the_budget(monkeypatch):
         assert (b["replay_per_class"], b["exmask_per_class"]) == (5, 96)
 
 
-def test_the_budget_plan_uses_train_py_s_default_share():
+def test_the_budget_plan_uses_train_py_s_default_share(monkeypatch):
     import inspect
 
     import train as T
     assert inspect.signature(R.budget_plan).parameters["keep_image"].default == T.Config().keep_image
+    got = []   # and so does the `budget` command
+    monkeypatch.setattr(R, "budget_plan", lambda *a: got.append(a[6]) or {})
+    monkeypatch.setattr(R, "show_budget", lambda plan: None)
+    R.main(["budget"])
+    assert got == [T.Config().keep_image]
