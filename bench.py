@@ -411,9 +411,9 @@ def main(argv=None) -> None:
         res = BENCHMARKS[name](opts)
         report["results"][name] = res
         show(name, res)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    D.write_json(a.out, report)
-    print(f"wrote {a.out}")
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        D.write_json(a.out, report)   # after each benchmark: a run stopped later keeps what it measured
+        print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ def model_speed(o) -> dict:
     LayerNorms trained (the implementation alone), ours with SSF on each of models.SSF_TRAIN's paths
     ("step ours SSF" is the default, "function"; then "fold" and "addcmul"), with prompts, and masked
     (25 % and 50 % of patches kept); with --compile the SSF and timm steps again under
-    torch.compile(dynamic=True), as train.py --compile runs. Before the rows, ssf_grad_check.
+    torch.compile(dynamic=True), as train.py --compile runs, and the SSF step compiled for its one
+    shape (dynamic=False: what dynamic shapes cost). Before the rows, ssf_grad_check.
     Each row's share of the matmul-rate limit: achieved FLOP/s of a large matmul / the row's
     matmul FLOPs per image (vit_flops; a frozen-backbone step is ~2x the forward, not 3x)."""
     import exmask
@@ -264,15 +265,15 @@ def model_speed(o) -> dict:
         cfwd = lambda p, i: ssf_head(cvit(p, i))
         attempt("compiled step ours SSF", "step", N, step(cfwd, ssf_params, full), "compiled step timm LN",
                 SSF_PATHS[M.SSF_COMPILED] + " (the default path under torch.compile)")
-        for mode in ("function", "addcmul", "fold"):   # dynamo guards on SSF_TRAIN / SSF_COMPILED: each compiles once
-            if mode != M.SSF_COMPILED:
-                with ssf_train(mode, "SSF_COMPILED"):
-                    attempt(f"compiled step ours SSF {mode}", "step", N, step(cfwd, ssf_params, full),
-                            "compiled step timm LN", SSF_PATHS[mode])
         for share in (0.5, 0.25):
             K = exmask.keep_count(N, share)
             attempt(f"compiled step ours SSF keep {share:.0%}", "step", K, step(cfwd, ssf_params, kept(K)),
                     "compiled step ours SSF")
+        # the same step compiled for its one shape: what dynamic shapes cost inductor (the loop's shapes vary)
+        torch._dynamo.reset()   # a fresh cache: the dynamic graphs' guards would also pass this shape
+        svit = torch.compile(ssf_vit, dynamic=False, options=dict(M.COMPILE_OPTIONS) or None)
+        attempt("compiled static step ours SSF", "step", N, step(lambda p, i: ssf_head(svit(p, i)), ssf_params, full),
+                "compiled step ours SSF", "torch.compile(dynamic=False): one shape")
 
     return {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None, "timm_model": name,
             "timm_kwargs": kw, "vit": {k: getattr(cfg, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
