@@ -6,7 +6,9 @@
     python bench.py --run runs/default/exmask        # a trained run instead of the default model
     python bench.py --only masked_test --run RUN/exmask [--data D]   # has the run learned "masked = old class"?
     python bench.py --only model_speed --device cuda --compile   # ViT-B/16 vs timm, steps, matmul limit
-    python bench.py --only model_speed --only phase_loop --only sdpa_shapes --device cuda   # issue 9's GPU figures, one JSON
+    python bench.py --only model_speed --compile --device cuda --out F   # issue 9's GPU figures: these three,
+    python bench.py --only sdpa_shapes --device cuda --out F             # one JSON (each run adds to F)
+    python bench.py --only phase_loop --device cuda --out F
     python bench.py --only sdpa_shapes --device cuda   # a step of new shapes with and without cuDNN attention
 
 Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
