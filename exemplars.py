@@ -38,6 +38,7 @@ IMAGE_MASKS = ("attn", "spread", "sample", "class", "feature", "random")
 
 
 MASK_BATCH = 256        # most rows in one forward pass when scoring and masking (bounded device memory)
+MAX_COPIES = 8          # cfg.fill "copies": most masked copies of one row (beyond, each copy keeps more patches)
 
 
 def draw_noise(n: int, N: int, L: int, gen: torch.Generator, method: str = "", cfg=None) -> dict:
@@ -56,33 +57,37 @@ def draw_noise(n: int, N: int, L: int, gen: torch.Generator, method: str = "", c
 @torch.no_grad()
 def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor, rule: str, cfg,
                noise: torch.Tensor, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,
-               feats: torch.Tensor | None = None) -> torch.Tensor:
+               feats: torch.Tensor | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """The patches a masked exemplar keeps: (n, K) indices, ascending. x (n, N, P) full samples on the
     device, ids (n, L), attn (n, N) the image pooling query's last-block attention row, noise (C, n, N)
     uniform (draw_noise), feats (n, F) the full samples' fused features where the caller has them.
     Rules: "attn" top attention (smoothed over cfg.smooth_image); "spread" the top of each 2 x 2 region
     first; "sample" drawn in proportion to attention; "class" / "feature" the best of the C random
     masks by the adapted model's own score for the sample's class / by the cosine between the
-    masked and the full image embedding; "paper" top raw attention; "random"; "object" the oracle."""
+    masked and the full image embedding; "paper" top raw attention; "random"; "object" the oracle.
+    exclude (n, N) bool: patches not to keep while others are left (another copy of the row keeps them)."""
     n, N = x.shape[:2]
     K = exmask.keep_count(N, cfg.keep_image)
     g = model.cfg.vit.grid
+
+    def top(scores: torch.Tensor) -> torch.Tensor:   # (n, N) -> (n, K), the excluded patches last
+        return exmask.keep_top(scores if exclude is None else scores.masked_fill(exclude.to(scores.device), -float("inf")), K)
     if rule == "random":
-        return exmask.keep_top(noise[0], K)
+        return top(noise[0])
     if rule == "object":
         if objects is None:
             raise SystemExit("error: oracle-mask needs object masks: a manifest `mask` column (data.py icons writes one)")
-        return exmask.keep_top(objects + 1e-3 * noise[0], K)
+        return top(objects + 1e-3 * noise[0])
     a = attn.float().cpu()
     if rule == "paper":
-        return exmask.keep_top(a, K)
+        return top(a)
     a = exmask.smooth_scores(a, g, cfg.smooth_image)
     if rule == "attn":
-        return exmask.keep_top(a, K)
+        return top(a)
     if rule == "spread":
-        return exmask.keep_top(exmask.spread_scores(a, g) if g % 2 == 0 else a, K)
+        return top(exmask.spread_scores(a, g) if g % 2 == 0 else a)
     if rule == "sample":
-        return exmask.keep_top(exmask.sample_scores(a, noise[0]), K)
+        return top(exmask.sample_scores(a, noise[0]))
     # "class" / "feature": the best of several random masks by the model's own judgement
     dev = x.device
     with autocast(cfg.device):
@@ -91,7 +96,7 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
         E = feats.shape[1] - (model.cfg.text.embed_dim or model.cfg.text.dim) * model.use_text
         full = feats[:, :E].float().to(dev)                                            # (n, E) unit length
         txt = feats[:, E:].to(dev) if model.use_text else None                         # classify re-normalises
-        idx = torch.stack([exmask.keep_top(u, K) for u in noise]).to(dev)              # (C, n, K)
+        idx = torch.stack([top(u) for u in noise]).to(dev)                             # (C, n, K)
         # each candidate as it would replay (with cfg.lowres: whole, the rest from its thumbnail)
         v = exmask.masked_view(x.repeat(len(idx), 1, 1), None, idx.flatten(0, 1), None, 0,
                                model.cfg.vit.patch_size, cfg.lowres)                   # (C n, K|N, P)
@@ -126,10 +131,11 @@ def signals(model: M.TwoTower, data: dict, rows: torch.Tensor, cfg) -> dict:
 
 @torch.no_grad()
 def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cfg, noise: dict,
-              sig: dict | None = None) -> dict:
+              sig: dict | None = None, exclude: torch.Tensor | None = None) -> dict:
     """What the masked exemplars of dataset rows `rows` keep (method from MASKING), in batches of at
     most MASK_BATCH rows on the device: keep_idx (n, K) kept patch indices or None, keep (n, L) kept
-    tokens or None. noise: draw_noise for these rows; sig: their signals() where the caller has them."""
+    tokens or None. noise: draw_noise for these rows; sig: their signals() where the caller has them;
+    exclude (n, N): patches to keep only where too few others are left (image_keep)."""
     model.eval()
     dev, pad = cfg.device, model.cfg.text.pad_id
     img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
@@ -152,7 +158,7 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
         if img_mode:
             ki = image_keep(model, x, ids, sig["img_attn"][part] if sig else None, rule, cfg, noise["image"][:, part],
                             data["labels"][r], data["objects"][r] if "objects" in data else None,
-                            sig["feats"][part].to(dev) if sig else None)
+                            sig["feats"][part].to(dev) if sig else None, None if exclude is None else exclude[part])
             keep_idx.append(ki)                                                        # (n, K)
             dropped = torch.ones(n, N, dtype=torch.bool).scatter_(1, ki, False)
         if txt_mode:
@@ -194,9 +200,12 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
     masked exemplars', toward the full samples' class mean) stops once a class's exemplars fill
     `quota` bytes (the budget's share per class; None = keep all), the same cut Memory.add makes
     (memory.within_quota), and (herding "full") only the samples herding reaches are masked, a batch
-    at a time. A masked exemplar keeps cfg.keep_image of
-    the patches, or more where the class has too few rows to fill its quota (exmask.fill_keep), and
-    with cfg.lowres its whole image at 1/cfg.lowres of its side (exmask.thumbnail).
+    at a time. A masked exemplar keeps cfg.keep_image of the patches, and with cfg.lowres its whole
+    image at 1/cfg.lowres of its side (exmask.thumbnail). Where the class has too few rows to fill
+    its quota at that share, cfg.fill "patches" gives each more patches (exmask.fill_keep) and
+    "copies" stores every row again, round by round in herding order, each copy keeping patches that
+    the row's earlier copies do not (while any are left), until the quota is full (at most MAX_COPIES
+    of a row, each then with more patches).
     Also returns, for the picture, the first exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
@@ -206,6 +215,7 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
     for c in classes:
         rows = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
         K = exmask.keep_count(N, cfg.keep_image) if masked else N
+        rounds = 1                                     # masked copies of each row (cfg.fill "copies")
         one = K * P * model.use_image + 2              # an exemplar's bytes, about (exact for masked ones below)
         if masked:   # too few rows to fill the quota at that share: each keeps more patches (exmask.fill_keep)
             caps = data["ids"][rows]
@@ -213,7 +223,13 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
             most = exmask.exemplar_bytes(N, P, longest, V, caps.shape[1], K / N,    # the class's largest exemplar
                                          cfg.keep_text if model.use_text else None, cfg.lowres)
             other = most - K * P                                                      # its bytes besides the patches
-            K = exmask.fill_keep(len(rows), quota, N, P, other, K)
+            filled = exmask.fill_keep(len(rows), quota, N, P, other, K)
+            if cfg.fill == "copies" and filled > K:   # every row fits: more masked copies of each row at K
+                rounds = quota // (len(rows) * (other + K * P)) + 1                   # the last one cut by the quota
+                if rounds > MAX_COPIES:   # very few rows: the most copies, each with more patches
+                    rounds, K = MAX_COPIES, exmask.fill_keep(len(rows) * MAX_COPIES, quota, N, P, other, K)
+            else:
+                K = filled
             one = other + K * P
         ccfg = replace(cfg, keep_image=K / N)          # this class's share: keep_count(N, K / N) == K
         step = MASK_BATCH if quota is None else max(1, min(MASK_BATCH, quota // one + 1))
@@ -227,23 +243,38 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
         else:
             order = herd(sig["feats"])
 
+        used = torch.zeros(len(rows), N, dtype=torch.bool) if rounds > 1 else None   # kept by a row's earlier copies
+        if rounds > 1:   # round by round, each in herding order, each copy keeping patches the others do not
+            ranked = list(order)
+            noises = [noise] + [draw_noise(len(rows), N, data["ids"].shape[1], gen, method, ccfg)
+                                for _ in range(rounds - 1)]
+            order = ((i, n) for n in range(rounds) for i in ranked)
+        else:
+            order, noises = ((i, 0) for i in order), [noise]
+
         def herded():
-            while len(part := torch.tensor(list(itertools.islice(order, step)), dtype=torch.long)):
-                r = rows[part]
-                m = ({k: None if v is None else v[part] for k, v in pre.items()} if pre is not None else
-                     mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in noise.items()},
-                               {k: None if v is None else v[part] for k, v in sig.items()})
-                     if method in MASKING else {"keep_idx": None, "keep": None})
-                patches, ids = data["patches"][r], data["ids"][r]
-                thumbs = exmask.thumbnail(patches, p, lowres) if lowres else [None] * len(part)
-                for j in range(len(part)):
-                    ki, kt = (None if m[k] is None else m[k][j] for k in ("keep_idx", "keep"))
-                    if not first:
-                        first.append({"patches": patches[j], "kept": ki, "ids": ids[j], "keep": kt, "label": c,
-                                      "attn": None if sig["img_attn"] is None else sig["img_attn"][part[j]]})
-                    # store nothing of a modality the model does not use
-                    yield exmask.encode(patches[j] if model.use_image else None, ids[j] if model.use_text else None,
-                                        c, V, pad, ki, kt, thumbs[j])
+            while len(chunk := list(itertools.islice(order, step))):
+                for n, group in itertools.groupby(chunk, key=lambda t: t[1]):   # one round's rows at a time
+                    yield from encoded(torch.tensor([i for i, _ in group], dtype=torch.long), noises[n], n > 0)
+
+        def encoded(part: torch.Tensor, noise: dict, again: bool = False):
+            r = rows[part]
+            m = ({k: None if v is None else v[part] for k, v in pre.items()} if pre is not None and not again else
+                 mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in noise.items()},
+                           {k: None if v is None else v[part] for k, v in sig.items()}, used[part] if again else None)
+                 if method in MASKING else {"keep_idx": None, "keep": None})
+            if used is not None and m["keep_idx"] is not None:
+                used[part] = used[part].scatter(1, m["keep_idx"], True)
+            patches, ids = data["patches"][r], data["ids"][r]
+            thumbs = exmask.thumbnail(patches, p, lowres) if lowres else [None] * len(part)
+            for j in range(len(part)):
+                ki, kt = (None if m[k] is None else m[k][j] for k in ("keep_idx", "keep"))
+                if not first:
+                    first.append({"patches": patches[j], "kept": ki, "ids": ids[j], "keep": kt, "label": c,
+                                  "attn": None if sig["img_attn"] is None else sig["img_attn"][part[j]]})
+                # store nothing of a modality the model does not use
+                yield exmask.encode(patches[j] if model.use_image else None, ids[j] if model.use_text else None,
+                                    c, V, pad, ki, kt, thumbs[j])
 
         out[c] = within_quota(herded(), quota)
         if len(shown) < 4 and method in MASKING and out[c]:

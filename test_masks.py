@@ -420,7 +420,7 @@ def test_a_class_with_too_few_rows_keeps_more_patches_and_fills_its_quota(tmp_pa
     assert exmask.fill_keep(10, 10 * (3 * 48 + 20), 64, 48, 20, 4) == 4      # never below the share
     assert exmask.fill_keep(2, 10 ** 9, 64, 48, 20, 4) == 64                  # never beyond the image
     assert exmask.fill_keep(10, None, 64, 48, 20, 4) == 4
-    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25)
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25, fill="patches")
     mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
     data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
     model = M.TwoTower(mcfg, 4)
@@ -436,6 +436,46 @@ def test_a_class_with_too_few_rows_keeps_more_patches_and_fills_its_quota(tmp_pa
         kept = {len(ex["pixels"]) for ex in big[0]}
         assert len(big[0]) == rows and len(kept) == 1 and K < kept.pop() <= 2 * K
         assert sum(exmask.nbytes(ex) for ex in big[0]) <= q
+
+
+def test_fill_copies_stores_more_masked_copies_of_each_row_at_the_share(tmp_path, monkeypatch):
+    """--fill copies: a class whose rows all fit with bytes to spare stores each row again, round by
+    round in herding order, each copy at the --keep-image share and keeping patches the row's earlier
+    copies do not, within the quota; with rows to spare nothing changes; with masked herding too."""
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25, fill="copies")
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    N, P = data["patches"].shape[1:]
+    rows = int((data["is_train"] & (data["labels"] == 0)).sum())
+    K = exmask.keep_count(N, cfg.keep_image)
+    q = rows * 3 * K * P                                                   # room for every row, about 2.5 times
+    for method in ("exmask", "random-mask"):
+        small = {f: E.candidates(model, data, [0], method, replace(cfg, fill=f), torch.Generator().manual_seed(0),
+                                 quota=3000)[0][0] for f in ("patches", "copies")}
+        assert [ex["patch_bits"].tolist() for ex in small["copies"]] == [ex["patch_bits"].tolist() for ex in small["patches"]]
+        big, _ = E.candidates(model, data, [0], method, cfg, torch.Generator().manual_seed(0), quota=q)
+        assert 2 * rows <= len(big[0]) < 3 * rows and {len(ex["pixels"]) for ex in big[0]} == {K}
+        assert sum(exmask.nbytes(ex) for ex in big[0]) <= q
+        first, second = big[0][:rows], big[0][rows:2 * rows]                # round 1 and round 2, the same rows
+        assert all(torch.equal(a["ids"], b["ids"]) for a, b in zip(first, second))
+        assert not any((exmask.unpack_mask(a["patch_bits"]) & exmask.unpack_mask(b["patch_bits"])).any()
+                       for a, b in zip(first, second))                        # no patch kept twice
+        most, _ = E.candidates(model, data, [0], method, cfg, torch.Generator().manual_seed(0), quota=rows * 40 * K * P)
+        assert len(most[0]) == rows * E.MAX_COPIES and min(len(ex["pixels"]) for ex in most[0]) > K   # the most copies
+    herded = E.candidates(model, data, [0], "exmask", replace(cfg, herding="masked"), torch.Generator().manual_seed(0),
+                          quota=q)[0][0]                                       # masked herding: its own masks first
+    assert 2 * rows <= len(herded) < 3 * rows and {len(ex["pixels"]) for ex in herded} == {K}
+    assert not any((exmask.unpack_mask(a["patch_bits"]) & exmask.unpack_mask(b["patch_bits"])).any()
+                   for a, b in zip(herded[:rows], herded[rows:2 * rows]))
+    with pytest.raises(ValueError, match="fill"):
+        replace(cfg, fill="more")
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda c: seen.setdefault("cfg", c))
+    T.main(["--fill", "patches", "--out", str(tmp_path / "o")])
+    assert seen["cfg"].fill == "patches" and T.Config().fill == "copies"
 
 
 def _ragged_items():

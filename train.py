@@ -52,8 +52,8 @@ class Config:
     first_phase: int = 0                    # classes in the first phase; 0 = an even split
     memory_per_class: float = 5.0           # budget in full exemplars' bytes per seen class
     memory_bytes: int = 0                   # or a fixed total budget in bytes (overrides)
-    keep_image: float = 0.05                # share of image patches a masked exemplar keeps, at least: a class with
-                                            # too few rows to fill its quota keeps more (exmask.fill_keep); chosen on
+    keep_image: float = 0.05                # share of image patches a masked exemplar keeps (a class with too few
+                                            # rows to fill its quota: see fill); chosen on
                                             # validation rows of the real-image sets (with adjust_views, 5 % beat 10 %;
                                             # before it, 10 % beat 5, 15, 20, 30 and 50 %)
     lowres: int = 0                         # > 0: a masked exemplar also stores its whole image at 1/lowres of its
@@ -64,6 +64,10 @@ class Config:
                                             # on validation rows of the real-image development set
     herding: str = "full"                   # masked methods: herd on the full samples' features ("full") or on
                                             # their masked exemplars', toward the full class mean ("masked")
+    fill: str = "copies"                    # masked methods, a class whose rows all fit with bytes to spare: more
+                                            # masked copies of each row at keep_image, each keeping other patches
+                                            # ("copies"), or more patches per exemplar ("patches"); chosen on
+                                            # validation rows of the real-image development set
     mask_candidates: int = 8                # random masks the "class" and "feature" rules choose from
     smooth_image: int = 3                   # patch scores: attention averaged over k x k patches (1 = raw)
     context_weight: float = 1.0             # weight of the cross-modal context term in text scores
@@ -141,6 +145,8 @@ class Config:
             raise ValueError(f"val is a share of the training rows and must lie in [0, 1), got {self.val}")
         if self.herding not in ("full", "masked"):
             raise ValueError(f"herding must be 'full' or 'masked', got {self.herding!r}")
+        if self.fill not in ("patches", "copies"):
+            raise ValueError(f"fill must be 'patches' or 'copies', got {self.fill!r}")
         if self.replay not in ("epoch", "batch"):
             raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1 or self.new_phases < 1:
@@ -611,7 +617,7 @@ def main(argv=None) -> None:
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
     p.add_argument("--clip", default=c.clip, help="CLIP or SigLIP checkpoint (Hugging Face folder, or OpenAI / open_clip "
                                                   "state dict) whose two towers replace both default towers")
-    p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches a masked exemplar keeps (more where a class has too few rows to fill its bytes)")
+    p.add_argument("--keep-image", type=float, default=c.keep_image, help="share of patches a masked exemplar keeps (see --fill for a class with too few rows to fill its bytes)")
     p.add_argument("--lowres", type=int, default=c.lowres,
                    help="a masked exemplar also stores its whole image at 1/LOWRES of its side, replayed whole with "
                         "its kept patches sharp (after CIM; 0 = off)")
@@ -622,6 +628,9 @@ def main(argv=None) -> None:
     p.add_argument("--herding", default=c.herding, choices=["full", "masked"],
                    help="masked methods choose exemplars by herding the full samples' features, or their masked "
                         "exemplars' toward the full class mean")
+    p.add_argument("--fill", default=c.fill, choices=["patches", "copies"],
+                   help="masked methods, a class whose rows all fit with bytes to spare: more masked copies of each "
+                        "row at --keep-image, each keeping other patches, or more patches per exemplar")
     p.add_argument("--mask-candidates", type=int, default=c.mask_candidates,
                    help="random masks the feature and class rules choose the best of")
     p.add_argument("--val", type=float, default=c.val,
@@ -658,7 +667,7 @@ def main(argv=None) -> None:
                      batch_size=a.batch_size, lr=a.lr, device=a.device, out=a.out, resume=a.resume,
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
-                     smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, mask_candidates=a.mask_candidates, val=a.val,
+                     smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, fill=a.fill, mask_candidates=a.mask_candidates, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=bool(a.adjust_views), replay=a.replay,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
