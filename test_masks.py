@@ -472,10 +472,15 @@ def test_fill_copies_stores_more_masked_copies_of_each_row_at_the_share(tmp_path
                    for a, b in zip(herded[:rows], herded[rows:2 * rows]))
     with pytest.raises(ValueError, match="fill"):
         replace(cfg, fill="more")
+    run = T.train(tiny_train_cfg(tmp_path / "run", methods="exmask", device="cpu", keep_image=0.25, fill="copies",
+                                 memory_per_class=6, synth=D.SynthConfig(n_classes=4, train_per_class=12,
+                                                                         test_per_class=4)))[0]
+    assert run["settings"]["fill"] == "copies" and run["memory"]["exemplars_per_class"] > 12   # more than its rows
+    assert run["memory"]["bytes_used"] <= run["memory"]["budget_bytes"]
     seen = {}
     monkeypatch.setattr(T, "train", lambda c: seen.setdefault("cfg", c))
-    T.main(["--fill", "patches", "--out", str(tmp_path / "o")])
-    assert seen["cfg"].fill == "patches" and T.Config().fill == "copies"
+    T.main(["--fill", "copies", "--out", str(tmp_path / "o")])
+    assert seen["cfg"].fill == "copies" and T.Config().fill == "patches"
 
 
 def _ragged_items():
