@@ -54,6 +54,13 @@ def draw_noise(n: int, N: int, L: int, gen: torch.Generator, method: str = "", c
     return {"image": torch.rand(C, n, N, generator=gen), "text": torch.rand(n, L if text else 0, generator=gen)}
 
 
+def masks_anything(model: M.TwoTower, method: str, cfg) -> bool:
+    """Whether `method`'s masked view of a sample differs from the sample: it masks the image of a
+    model that uses images, or the text of one that uses text at keep_text < 1."""
+    img_mode, txt_mode, _ = MASKING.get(method, (None, None, False))
+    return bool((img_mode and model.use_image) or (txt_mode and model.use_text and cfg.keep_text < 1))
+
+
 @torch.no_grad()
 def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor, rule: str, cfg,
                noise: torch.Tensor, labels: torch.Tensor | None = None, objects: torch.Tensor | None = None,

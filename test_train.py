@@ -9,6 +9,7 @@ import torch
 
 import data as D
 import exmask
+import models as M
 from test_exmask import tiny_train_cfg
 
 torch.set_num_threads(2)
@@ -204,6 +205,25 @@ def test_mask_new_rule_masks_the_new_views_at_random(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "train", lambda cfg: seen.setdefault("cfg", cfg))
     T.main(["--mask-new-rule", "random", "--out", str(tmp_path / "o")])
     assert seen["cfg"].mask_new_rule == "random"
+
+
+def test_no_masked_views_where_the_rule_masks_nothing(tmp_path, monkeypatch):
+    """A text-only model with whole captions: exmask's masked view of a new row would be the row
+    itself, so none is made or trained on (each new row once, not twice); with a text share below 1
+    the views are made again. exemplars.masks_anything says which."""
+    import train as T
+    from exemplars import masks_anything
+    calls, real = [], T.mask_sets
+    monkeypatch.setattr(T, "mask_sets", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    mcfg = tiny_train_cfg(tmp_path).model
+    text_only = replace(mcfg, modalities="text")
+    T.train(tiny_train_cfg(tmp_path / "a", methods="exmask", model=text_only))
+    assert calls == []
+    T.train(tiny_train_cfg(tmp_path / "b", methods="exmask", model=text_only, keep_text=0.5))
+    assert calls == ["exmask"]
+    model, cfg = M.TwoTower(text_only, 4), T.Config()
+    assert not masks_anything(model, "exmask", cfg) and masks_anything(M.TwoTower(mcfg, 4), "exmask", cfg)
+    assert not masks_anything(M.TwoTower(mcfg, 4), "text-mask", cfg) and not masks_anything(model, "replay", cfg)
 
 
 def test_consistency_pulls_masked_views_toward_their_whole_view(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ import data as D
 import exmask
 import models as M
 import ranks
-from exemplars import IMAGE_MASKS, MASKING, candidates, draw_noise, mask_sets
+from exemplars import IMAGE_MASKS, MASKING, candidates, draw_noise, mask_sets, masks_anything
 from memory import Memory
 from models import autocast
 from pictures import draw_accuracy, draw_masked
@@ -412,10 +412,11 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
     masked_new = None
-    if method in MASKING and n_mem and cfg.mask_new > 0:
+    rule = method if cfg.mask_new_rule == "method" else "random-mask"
+    if method in MASKING and n_mem and cfg.mask_new > 0 and masks_anything(model, rule, cfg):
         # old classes are replayed masked; show the new ones masked too (a share of the time), so
-        # that "masked" never stands for "old class" and both feature distributions meet
-        rule = method if cfg.mask_new_rule == "method" else "random-mask"
+        # that "masked" never stands for "old class" and both feature distributions meet (where the
+        # rule masks nothing, e.g. whole captions on a text-only model, a view would be a duplicate)
         noise = draw_noise(len(idx), data["patches"].shape[1], data["ids"].shape[1], gen, rule, cfg)
         # under torchrun: masked once, by the first process (every process draws the noise, so that
         # all of them go on drawing the same numbers from gen)
