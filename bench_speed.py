@@ -271,7 +271,7 @@ def model_speed(o) -> dict:
                     "compiled step ours SSF")
         # the same step compiled for its one shape: what dynamic shapes cost inductor (the loop's shapes vary)
         torch._dynamo.reset()   # a fresh cache: the dynamic graphs' guards would also pass this shape
-        svit = torch.compile(ssf_vit, dynamic=False, options=dict(M.COMPILE_OPTIONS) or None)
+        svit = M.compiled(ssf_vit, dynamic=False)
         attempt("compiled static step ours SSF", "step", N, step(lambda p, i: ssf_head(svit(p, i)), ssf_params, full),
                 "compiled step ours SSF", "torch.compile(dynamic=False): one shape")
 

@@ -54,11 +54,19 @@ def draw_noise(n: int, N: int, L: int, gen: torch.Generator, method: str = "", c
     return {"image": torch.rand(C, n, N, generator=gen), "text": torch.rand(n, L if text else 0, generator=gen)}
 
 
+def mask_modes(model: M.TwoTower, method: str, cfg) -> tuple:
+    """What `method` masks on this model (MASKING): (image mode or None, text mode or None, context
+    term): the image only of a model that uses images, the text only of one that uses text at
+    keep_text < 1 (whole text: no positions stored)."""
+    img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
+    return (img_mode if model.use_image else None,
+            txt_mode if model.use_text and cfg.keep_text < 1 else None, context)
+
+
 def masks_anything(model: M.TwoTower, method: str, cfg) -> bool:
-    """Whether `method`'s masked view of a sample differs from the sample: it masks the image of a
-    model that uses images, or the text of one that uses text at keep_text < 1."""
-    img_mode, txt_mode, _ = MASKING.get(method, (None, None, False))
-    return bool((img_mode and model.use_image) or (txt_mode and model.use_text and cfg.keep_text < 1))
+    """Whether `method`'s masked view of a sample differs from the sample (mask_modes)."""
+    img_mode, txt_mode, _ = mask_modes(model, method, cfg)
+    return bool(img_mode or txt_mode)
 
 
 @torch.no_grad()
@@ -145,9 +153,7 @@ def mask_sets(model: M.TwoTower, data: dict, rows: torch.Tensor, method: str, cf
     exclude (n, N): patches to keep only where too few others are left (image_keep)."""
     model.eval()
     dev, pad = cfg.device, model.cfg.text.pad_id
-    img_mode, txt_mode, context = MASKING.get(method, (None, None, False))
-    img_mode = img_mode if model.use_image else None
-    txt_mode = txt_mode if model.use_text and cfg.keep_text < 1 else None   # whole text: no positions stored
+    img_mode, txt_mode, context = mask_modes(model, method, cfg)
     # the cross-modal term compares text tokens with image patches, which means something only where
     # the towers were trained into one space (model.cfg.shared_space; equal widths are not enough):
     # token features recomputed per batch, never kept
@@ -264,10 +270,10 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
                 for n, group in itertools.groupby(chunk, key=lambda t: t[1]):   # one round's rows at a time
                     yield from encoded(torch.tensor([i for i, _ in group], dtype=torch.long), noises[n], n > 0)
 
-        def encoded(part: torch.Tensor, noise: dict, again: bool = False):
+        def encoded(part: torch.Tensor, round_noise: dict, again: bool = False):
             r = rows[part]
             m = ({k: None if v is None else v[part] for k, v in pre.items()} if pre is not None and not again else
-                 mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in noise.items()},
+                 mask_sets(model, data, r, method, ccfg, {k: v[..., part, :] for k, v in round_noise.items()},
                            {k: None if v is None else v[part] for k, v in sig.items()}, used[part] if again else None)
                  if method in MASKING else {"keep_idx": None, "keep": None})
             if used is not None and m["keep_idx"] is not None:

@@ -647,10 +647,10 @@ class TwoTower(nn.Module):
 COMPILE_OPTIONS = {"triton.coalesce_tiling_analysis": False}
 
 
-def compiled(fn):
-    """torch.compile(fn) with dynamic shapes (kept patches and caption lengths vary from batch to
-    batch) and COMPILE_OPTIONS."""
-    return torch.compile(fn, dynamic=True, options=dict(COMPILE_OPTIONS) or None)
+def compiled(fn, dynamic: bool = True):
+    """torch.compile(fn) with COMPILE_OPTIONS and dynamic shapes (kept patches and caption lengths
+    vary from batch to batch); dynamic=False compiles for the shapes of the first call (bench.py)."""
+    return torch.compile(fn, dynamic=dynamic, options=dict(COMPILE_OPTIONS) or None)
 
 
 def compile_towers(model: TwoTower) -> None:
