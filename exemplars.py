@@ -259,16 +259,16 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
         used = torch.zeros(len(rows), N, dtype=torch.bool) if rounds > 1 else None   # kept by a row's earlier copies
         if rounds > 1:   # round by round, each in herding order, each copy keeping patches the others do not
             ranked = list(order)
+            passes = [iter(ranked) for _ in range(rounds)]
             noises = [noise] + [draw_noise(len(rows), N, data["ids"].shape[1], gen, method, ccfg)
                                 for _ in range(rounds - 1)]
-            order = ((i, n) for n in range(rounds) for i in ranked)
         else:
-            order, noises = ((i, 0) for i in order), [noise]
+            passes, noises = [order], [noise]
 
         def herded():
-            while len(chunk := list(itertools.islice(order, step))):
-                for n, group in itertools.groupby(chunk, key=lambda t: t[1]):   # one round's rows at a time
-                    yield from encoded(torch.tensor([i for i, _ in group], dtype=torch.long), noises[n], n > 0)
+            for n, ordered in enumerate(passes):
+                while len(part := torch.tensor(list(itertools.islice(ordered, step)), dtype=torch.long)):
+                    yield from encoded(part, noises[n], n > 0)
 
         def encoded(part: torch.Tensor, round_noise: dict, again: bool = False):
             r = rows[part]
