@@ -5,11 +5,10 @@
     python bench.py --only data_scale --scale-dir DIR   # start-up at 5,000 and 50,000 images (~9 GB in DIR)
     python bench.py --run runs/default/exmask        # a trained run instead of the default model
     python bench.py --only masked_test --run RUN/exmask [--data D]   # has the run learned "masked = old class"?
-    python bench.py --only model_speed --device cuda --compile   # ViT-B/16 vs timm, steps, matmul limit
-    python bench.py --only model_speed --compile --device cuda --out F   # issue 9's GPU figures: these three,
-    python bench.py --only sdpa_shapes --device cuda --out F             # one JSON (each run adds to F)
-    python bench.py --only phase_loop --device cuda --out F
-    python bench.py --only sdpa_shapes --device cuda   # a step of new shapes with and without cuDNN attention
+    # issue 9's GPU figures, three runs into one JSON (each run adds its results to F):
+    python bench.py --only model_speed --compile --device cuda --out F   # ViT-B/16 vs timm, steps, matmul limit
+    python bench.py --only sdpa_shapes --device cuda --out F   # a step of new shapes, with and without cuDNN attention
+    python bench.py --only phase_loop --device cuda --out F    # the phase loop against its own steps
 
 Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
 "results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
