@@ -6,7 +6,8 @@
     python bench.py --run runs/default/exmask        # a trained run instead of the default model
     python bench.py --only masked_test --run RUN/exmask [--data D]   # has the run learned "masked = old class"?
     # issue 9's GPU figures, three runs into one JSON (each run adds its results to F):
-    python bench.py --only model_speed --compile --device cuda --out F   # ViT-B/16 vs timm, steps, matmul limit
+    python bench.py --only model_speed --compile --profile --device cuda --out F   # ViT-B/16 vs timm, steps,
+                                                     # matmul limit, each row's time by kernel kind
     python bench.py --only sdpa_shapes --device cuda --out F   # a step of new shapes, with and without cuDNN attention
     python bench.py --only phase_loop --device cuda --out F    # the phase loop against its own steps
 
@@ -55,6 +56,7 @@ class Opts:
     batch: int = 0         # model_speed: images per call (0 = 256 on cuda, 16 on cpu)
     steps: int = 0         # model_speed: timed calls per row after the warmup (0 = 10 on cuda, 3 on cpu)
     compile: bool = False  # model_speed: also the compiled steps (models.compiled); phase_loop: train.py --compile
+    profile: bool = False  # model_speed: each row's time by kernel kind (bench_speed.profile_split)
     vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
     data: str = ""         # mask_precision (a manifest with object masks), masked_test; "" = the embedded data
     sizes: tuple = (5000, 50000)  # data_scale: manifest sizes (images)
@@ -393,6 +395,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=o.steps, help="model_speed: timed calls per row (0 = 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true",
                    help="model_speed: also the compiled steps; phase_loop: the loop as train.py --compile runs it")
+    p.add_argument("--profile", action="store_true",
+                   help="model_speed: each row's time split by kernel kind (matmul, attention, other; torch.profiler)")
     p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
     p.add_argument("--data", default=o.data, help="mask_precision (a manifest with object masks), masked_test: the data (default: embedded)")
     p.add_argument("--sizes", default=",".join(map(str, o.sizes)), help="data_scale: manifest sizes, comma-separated")
@@ -400,7 +404,8 @@ def main(argv=None) -> None:
     p.add_argument("--scale-steps", type=int, default=o.scale_steps, help="data_scale: ViT-B/16 training steps after start-up")
     a = p.parse_args(argv)
     opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, device=a.device, batch=a.batch,
-                steps=a.steps, compile=a.compile, vit=a.vit, data=a.data, sizes=tuple(int(x) for x in a.sizes.split(",")),
+                steps=a.steps, compile=a.compile, profile=a.profile, vit=a.vit, data=a.data,
+                sizes=tuple(int(x) for x in a.sizes.split(",")),
                 scale_dir=a.scale_dir, scale_steps=a.scale_steps)
     report = {"results": {}}
     if os.path.exists(a.out):

@@ -66,6 +66,48 @@ def clock(fn, repeats: int, warmup: int, cuda: bool) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None}
 
 
+# kernel (cuda) or operator (cpu) names by what they compute, first match wins; the rest is "other"
+# (elementwise, norms, reductions, copies: inductor's fused triton_* kernels land there too)
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+                ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm",
+                            "aten::matmul", "aten::linear", "aten::baddbmm", "_mm_", "splitk")))
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in n for k in keys)), "other")
+
+
+def profile_split(fn, steps: int, cuda: bool, top: int = 8) -> dict:
+    """fn's time by what it computes, from torch.profiler over `steps` calls (after clock's warmup):
+    on cuda each kernel's device time, on cpu each operator's own (self) time. -> ms per call in
+    total and per kind (KERNEL_KINDS: matmul, attention, other), each kind's share, and the `top`
+    kernels by time (name, kind, ms per call, calls per call)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue                                  # host-side operators: their kernels are counted
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0 and not e.key.startswith("ProfilerStep"):
+            rows.append((e.key, us / 1e3 / steps, e.count / steps))
+    total = sum(ms for _, ms, _ in rows) or float("nan")
+    kinds = {k: 0.0 for k in ("matmul", "attention", "other")}
+    for name, ms, _ in rows:
+        kinds[kernel_kind(name)] += ms
+    rows.sort(key=lambda r: -r[1])
+    return {"clock": "device" if cuda else "cpu self", "ms": total, "ms_by_kind": kinds,
+            "share_by_kind": {k: v / total for k, v in kinds.items()},
+            "top": [{"name": n[:120], "kind": kernel_kind(n), "ms": ms, "calls": c} for n, ms, c in rows[:top]]}
+
+
 # models.SSF_TRAIN's paths, as model_speed's rows note them
 SSF_PATHS = {"function": "LinearSSF: one matmul, no weight-gradient matmul, one fused reduction per Linear",
              "fold": "SSF folded into Linear weights while training (weight-gradient matmuls)",
@@ -181,6 +223,8 @@ def model_speed(o) -> dict:
 
     def measure(name: str, kind: str, patches: int, fn, ref_row: str = "", note: str = "") -> None:
         r = {"name": name, "kind": kind, "patches": patches, **clock(fn, steps, 2, cuda)}
+        if o.profile:
+            r["profile"] = profile_split(fn, steps, cuda)
         r["img_s"] = B / r["ms"] * 1e3
         fwd, stp = vit_flops(cfg, patches, C)
         r["limit_img_s"] = rate["tflops"] * 1e12 / (fwd if kind == "inference" else stp)
@@ -191,6 +235,8 @@ def model_speed(o) -> dict:
         r["note"] = note
         rows.append(r)
         show_speed_row(r)
+        if o.profile:
+            show_profile(r["profile"])
 
     rate = matmul_rate(dev)
     fwd, stp = vit_flops(cfg, N, C)
@@ -278,7 +324,7 @@ def model_speed(o) -> dict:
     return {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None, "timm_model": name,
             "timm_kwargs": kw, "vit": {k: getattr(cfg, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
             "batch": B, "classes": C, "autocast": "bf16" if cuda else None, "steps_timed": steps, "warmup": 2,
-            "threads": torch.get_num_threads(), "compile": o.compile, "matmul": rate,
+            "threads": torch.get_num_threads(), "compile": o.compile, "profile": o.profile, "matmul": rate,
             "gflop_per_img": {"forward": fwd / 1e9, "step": stp / 1e9}, "max_abs_diff_ours_vs_timm": diff,
             "ssf_train_default": M.SSF_TRAIN, "ssf_grad_rel_err": grad_check, "rows": rows}
 
@@ -460,6 +506,13 @@ def sdpa_shapes(o) -> dict:
               f"{rows[-1]['new_shapes_ms']:.1f} ms, again {rows[-1]['same_shapes_again_ms']:.1f} ms a step", flush=True)
     return {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None, "vit": name,
             "image_size": vit.cfg.image_size, "loop_sdpa": M.LOOP_SDPA, "steps": n, "rows": rows}
+
+
+def show_profile(p: dict) -> None:
+    """profile_split's line under its row: ms per call by kind, and the longest kernel."""
+    kinds = "  ".join(f"{k} {v:.1f} ms ({p['share_by_kind'][k]:.0%})" for k, v in p["ms_by_kind"].items())
+    t = p["top"][0] if p["top"] else {"name": "", "ms": 0}
+    print(f"    {p['clock']} {p['ms']:.1f} ms: {kinds}; longest {t['name'][:50]} {t['ms']:.1f} ms", flush=True)
 
 
 def show_speed_row(r: dict | None) -> None:

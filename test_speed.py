@@ -276,14 +276,15 @@ def test_vit_flops_counts_the_matmuls_of_a_forward_and_a_frozen_backbone_step():
 
 def test_bench_model_speed_smoke(monkeypatch, tmp_path):
     """model_speed on a 2-block ViT at 32 px: every row measured, ours equals timm, the SSF paths' gradients
-    equal the plain formula's (fp32 here), JSON written."""
+    equal the plain formula's (fp32 here), each row's time split by kernel kind (--profile), JSON written."""
     import json
 
     import bench
     import bench_speed
     monkeypatch.setitem(bench_speed.SPEED_VITS, "cpu", ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}))
     out = tmp_path / "bench.json"
-    bench.main(["--only", "model_speed", "--batch", "4", "--steps", "1", "--threads", "1", "--out", str(out)])
+    bench.main(["--only", "model_speed", "--batch", "4", "--steps", "1", "--threads", "1", "--profile",
+                "--out", str(out)])
     res = json.loads(out.read_text())["results"]["model_speed"]
     rows = {r["name"]: r for r in res["rows"]}
     assert {"infer timm", "infer ours", "step timm LN", "step ours SSF", "step ours SSF fold", "step ours SSF addcmul",
@@ -294,3 +295,22 @@ def test_bench_model_speed_smoke(monkeypatch, tmp_path):
     assert all(r["img_s"] > 0 and 0 < r["share_of_limit"] < 2 for r in rows.values())
     assert rows["step ours SSF keep 25%"]["patches"] == 1 and rows["step ours SSF keep 25%"]["vs"] == "step ours SSF"
     assert res["max_abs_diff_ours_vs_timm"] < 1e-4 and res["device_name"] is None and res["matmul"]["tflops"] > 0
+    for r in rows.values():   # the profile: the kinds add up to the whole, and a step does matmuls and attention
+        p = r["profile"]
+        assert p["clock"] == "cpu self" and p["ms"] > 0 and sum(p["ms_by_kind"].values()) == pytest.approx(p["ms"])
+        assert p["ms_by_kind"]["matmul"] > 0 and p["ms_by_kind"]["attention"] > 0 and p["ms_by_kind"]["other"] > 0
+        assert p["top"] and p["top"][0]["ms"] == max(t["ms"] for t in p["top"])
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "matmul"), ("aten::addmm", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("triton_poi_fused_add_mul_native_layer_norm_0", "other"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other")])
+def test_profile_kinds_name_cuda_kernels_and_cpu_operators(name, kind):
+    import bench_speed
+    assert bench_speed.kernel_kind(name) == kind
