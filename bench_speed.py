@@ -67,10 +67,11 @@ def clock(fn, repeats: int, warmup: int, cuda: bool) -> dict:
 
 
 # kernel (cuda) or operator (cpu) names by what they compute, first match wins; the rest is "other"
-# (elementwise, norms, reductions, copies: inductor's fused triton_* kernels land there too)
+# (elementwise, norms, reductions, copies: inductor's fused triton_poi/red/per kernels land there too;
+# its triton_tem template kernels, max_autotune's GEMMs, are matmuls)
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
                 ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "aten::mm", "aten::addmm", "aten::bmm",
-                            "aten::matmul", "aten::linear", "aten::baddbmm", "_mm_", "splitk")))
+                            "aten::matmul", "aten::linear", "aten::baddbmm", "_mm_", "splitk", "triton_tem")))
 
 
 def kernel_kind(name: str) -> str:

@@ -309,7 +309,7 @@ def test_bench_model_speed_smoke(monkeypatch, tmp_path):
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>", "attention"),
     ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", "attention"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
-    ("triton_poi_fused_add_mul_native_layer_norm_0", "other"),
+    ("triton_poi_fused_add_mul_native_layer_norm_0", "other"), ("triton_tem_fused_addmm_3", "matmul"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "other")])
 def test_profile_kinds_name_cuda_kernels_and_cpu_operators(name, kind):
     import bench_speed
