@@ -225,7 +225,10 @@ def model_speed(o) -> dict:
     def measure(name: str, kind: str, patches: int, fn, ref_row: str = "", note: str = "") -> None:
         r = {"name": name, "kind": kind, "patches": patches, **clock(fn, steps, 2, cuda)}
         if o.profile:
-            r["profile"] = profile_split(fn, steps, cuda)
+            try:
+                r["profile"] = profile_split(fn, steps, cuda)
+            except Exception as e:   # a profiler failure costs the split, never the clocked row
+                r["profile"] = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
         r["img_s"] = B / r["ms"] * 1e3
         fwd, stp = vit_flops(cfg, patches, C)
         r["limit_img_s"] = rate["tflops"] * 1e12 / (fwd if kind == "inference" else stp)
@@ -510,7 +513,10 @@ def sdpa_shapes(o) -> dict:
 
 
 def show_profile(p: dict) -> None:
-    """profile_split's line under its row: ms per call by kind, and the longest kernel."""
+    """profile_split's line under its row: ms per call by kind, and the longest kernel (or its error)."""
+    if "error" in p:
+        print(f"    profile failed: {p['error']}", flush=True)
+        return
     kinds = "  ".join(f"{k} {v:.1f} ms ({p['share_by_kind'][k]:.0%})" for k, v in p["ms_by_kind"].items())
     t = p["top"][0] if p["top"] else {"name": "", "ms": 0}
     print(f"    {p['clock']} {p['ms']:.1f} ms: {kinds}; longest {t['name'][:50]} {t['ms']:.1f} ms", flush=True)

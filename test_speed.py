@@ -302,6 +302,22 @@ def test_bench_model_speed_smoke(monkeypatch, tmp_path):
         assert p["top"] and p["top"][0]["ms"] == max(t["ms"] for t in p["top"])
 
 
+def test_a_profiler_failure_keeps_the_clocked_rows(monkeypatch, tmp_path):
+    import json
+
+    import bench
+    import bench_speed
+
+    def broken(*a, **k):
+        raise RuntimeError("no CUPTI")
+    monkeypatch.setitem(bench_speed.SPEED_VITS, "cpu", ("vit_tiny_patch16_224", {"img_size": 32, "depth": 1}))
+    monkeypatch.setattr(bench_speed, "profile_split", broken)
+    out = tmp_path / "bench.json"
+    bench.main(["--only", "model_speed", "--batch", "2", "--steps", "1", "--threads", "1", "--profile", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["model_speed"]["rows"]
+    assert rows and all(r["img_s"] > 0 and r["profile"] == {"error": "RuntimeError: no CUPTI"} for r in rows)
+
+
 @pytest.mark.parametrize("name,kind", [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "matmul"), ("aten::addmm", "matmul"),
