@@ -96,6 +96,35 @@ def test_replay_batch_is_bounded_by_more_steps(tmp_path, monkeypatch):
         assert sorted(rows) == list(range(n_mem))
 
 
+def test_replay_passes_replay_every_exemplar_that_many_times_an_epoch(tmp_path, monkeypatch):
+    """--replay-passes 2: each epoch replays every exemplar twice, and the logit prior counts each
+    exemplar twice as well; batch replay refuses it."""
+    import train as T
+    calls, priors = [], []
+    real_replay, real_prior = T.replay_batch, T.logit_prior
+
+    def spy(bank, rows, *a, **k):
+        calls.append((len(bank["counts"]), rows.tolist()))
+        return real_replay(bank, rows, *a, **k)
+
+    def prior(counts, tau):
+        priors.append(counts.clone())
+        return real_prior(counts, tau)
+
+    monkeypatch.setattr(T, "replay_batch", spy)
+    monkeypatch.setattr(T, "logit_prior", prior)
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", epochs=1, batch_size=8, replay_passes=2))
+    n_mem = calls[0][0]                                   # phase 2, its one epoch
+    rows = sorted(i for _, r in calls for i in r)
+    assert rows == sorted(list(range(n_mem)) * 2)
+    assert priors[-1].sum() == 16 + 2 * n_mem            # the masked views' prior: the 16 new rows' views, once
+                                                          # each, and every exemplar twice
+    with pytest.raises(ValueError, match="replay_passes"):
+        T.Config(replay="batch", replay_passes=2)
+    with pytest.raises(SystemExit):
+        T.main(["--replay-passes", "0", "--out", str(tmp_path / "x")])
+
+
 def test_masks_do_not_depend_on_the_batches_they_are_scored_in(tmp_path, monkeypatch):
     """Masks and memory are the same whether a class is scored in one pass or 2 rows at a time, and
     with a quota only the samples herding reaches are masked."""

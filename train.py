@@ -89,6 +89,9 @@ class Config:
                                             # logits, instead of one for all: "whole" never says "new" to the head
     replay: str = "epoch"                   # "epoch": every exemplar once per epoch beside the new data (iCaRL);
                                             # "batch": a batch of batch_size exemplars drawn each step
+    replay_passes: int = 1                  # epoch replay: every exemplar this many times per epoch, the passes
+                                            # shuffled together (more steps where a step's replay would pass
+                                            # REPLAY_MAX); chosen on validation rows, see the README
     val: float = 0.0                        # > 0: carve this share of each class's training rows as a validation
                                             # split and report on it instead of the test rows (to choose settings)
     seed: int = 0
@@ -149,6 +152,9 @@ class Config:
             raise ValueError(f"fill must be 'patches' or 'copies', got {self.fill!r}")
         if self.replay not in ("epoch", "batch"):
             raise ValueError(f"replay must be 'epoch' or 'batch', got {self.replay!r}")
+        if self.replay_passes < 1 or (self.replay_passes > 1 and self.replay != "epoch"):
+            raise ValueError(f"replay_passes counts passes over the memory per epoch (replay 'epoch'): at least 1, "
+                             f"got {self.replay_passes} with replay {self.replay!r}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1 or self.new_phases < 1:
             raise ValueError("phases, epochs and batch size must be at least 1")
         if self.dist_timeout <= 0:
@@ -405,7 +411,8 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     idx = (data["is_train"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
     n_mem = len(memory) if memory is not None else 0
     bank = memory_bank(memory, pad, device, model.cfg.vit.n_patches) if n_mem else None
-    per_epoch, B, per_step = epoch_plan(len(idx), n_mem if cfg.replay == "epoch" else 0, cfg.batch_size)
+    per_epoch, B, per_step = epoch_plan(len(idx), n_mem * cfg.replay_passes if cfg.replay == "epoch" else 0,
+                                        cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)   # one op per step for all tensors (CPU defaults to a loop)
     steps = cfg.epochs * per_epoch
@@ -427,7 +434,8 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
         n_masked = n_whole * (cfg.mask_new if masked_new is not None else 0)
         if n_mem:
             kept = torch.tensor([len(memory.classes.get(c, ())) for c in range(model.n_classes)], dtype=torch.float)
-            n_masked = n_masked + (kept if cfg.replay == "epoch" else kept * (per_epoch * cfg.batch_size / n_mem))
+            n_masked = n_masked + (kept * cfg.replay_passes if cfg.replay == "epoch" else
+                                   kept * (per_epoch * cfg.batch_size / n_mem))
         if cfg.adjust_views and method in MASKING and n_mem:   # each view its own prior (exemplars are masked)
             adjust = to_device(logit_prior(n_whole, cfg.logit_adjust), device)
             adjust_masked = to_device(logit_prior(n_masked, cfg.logit_adjust), device)
@@ -437,8 +445,8 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     with progress(con) as bar:
         task = bar.add_task(desc, total=steps)
         for _ in range(cfg.epochs):
-            order = list(range(n_mem if cfg.replay == "epoch" else 0))
-            rng.shuffle(order)                      # each exemplar once per epoch, spread over its steps
+            order = list(range(n_mem if cfg.replay == "epoch" else 0)) * cfg.replay_passes
+            rng.shuffle(order)                      # each exemplar replay_passes times per epoch, spread over its steps
             order = torch.tensor(order, dtype=torch.long)
             new = torch.randperm(len(idx)).split(B)     # positions in idx
             for s in range(per_epoch):
@@ -642,6 +650,8 @@ def main(argv=None) -> None:
     p.add_argument("--token-mixup", type=float, default=c.token_mixup, help="share of replayed exemplars token-mixed")
     p.add_argument("--replay", default=c.replay, choices=["epoch", "batch"],
                    help="epoch: every exemplar once per epoch beside the new data; batch: batch-size exemplars per step")
+    p.add_argument("--replay-passes", type=int, default=c.replay_passes,
+                   help="epoch replay: every exemplar this many times per epoch (the passes shuffled together)")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
     p.add_argument("--consistency", type=float, default=c.consistency,
                    help="weight pulling a new sample's masked view's prediction toward its whole view's (0 = off)")
@@ -669,7 +679,7 @@ def main(argv=None) -> None:
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, fill=a.fill, mask_candidates=a.mask_candidates, val=a.val,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=bool(a.adjust_views), replay=a.replay,
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=bool(a.adjust_views), replay=a.replay, replay_passes=a.replay_passes,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
         p.error(str(e))
