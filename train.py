@@ -1,5 +1,5 @@
-"""Multimodal class-incremental training: the phase loop, evaluation, metrics, checkpoints (a step's
-batches and losses are in replay.py).
+"""Multimodal class-incremental training: the phase loop, evaluation, checkpoints (a step's batches
+and losses are in replay.py, a run's figures in scores.py).
 
     python train.py                                    # embedded default, method exmask
     python train.py --methods finetune,replay,joint    # several methods side by side
@@ -40,6 +40,7 @@ from exemplars import IMAGE_MASKS, MASKING, candidates, draw_noise, mask_sets, m
 from memory import Memory
 from models import autocast
 from pictures import draw_accuracy, draw_masked
+from scores import metrics, show, summarize   # re-exported: train.metrics, train.show, train.summarize
 from towers import PretrainConfig, backbone, progress
 
 METHODS = ("finetune", "replay", "joint", *MASKING)
@@ -247,20 +248,7 @@ def prepare(raw: dict, cfg: Config, mcfg: M.ModelConfig, tok) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- metrics
-
-def metrics(R: list[list[float | None]], counts: list[list[int]]) -> dict:
-    """R[t][j]: accuracy (%) after phase t on the test data of phase j (j <= t); counts: test sizes.
-    None where phase j had no rows to measure (a continued run's old classes without --eval-data):
-    such an entry counts in no figure."""
-    T = len(R)
-    acc = [sum(r * n for r, n in zip(R[t], counts[t]) if r is not None) / sum(counts[t]) for t in range(T)]
-    forg = [max(R[t][j] for t in range(j, T - 1) if R[t][j] is not None) - R[T - 1][j] for j in range(T - 1)
-            if R[T - 1][j] is not None and any(R[t][j] is not None for t in range(j, T - 1))]
-    bwt = [R[T - 1][j] - R[j][j] for j in range(T - 1) if R[T - 1][j] is not None and R[j][j] is not None]
-    return {"phase_accuracy": acc, "avg_incremental_accuracy": sum(acc) / T, "last_accuracy": acc[-1],
-            "avg_forgetting": sum(forg) / len(forg) if forg else 0.0, "bwt": sum(bwt) / len(bwt) if bwt else 0.0}
-
+# ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model: M.TwoTower, data: dict, phase_cls: list[list[int]], t: int, device: str, bs: int = 256):
@@ -562,39 +550,6 @@ def check_phases(cfg: Config, seeds: list[int], names: list[str], labels: torch.
                                      "more rows, or choose other --phases")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def summarize(results: list[dict]) -> list[dict]:
-    """Runs grouped by method (in order): mean and std of each headline figure over seeds."""
-    keys = ("avg_incremental_accuracy", "last_accuracy", "avg_forgetting", "bwt")
-    groups: dict[str, list[dict]] = {}
-    for r in results:
-        groups.setdefault(r["method"], []).append(r)
-    out = []
-    for method, rs in groups.items():
-        row = {"method": method, "runs": len(rs), "exemplars_per_class": sum(r["memory"]["exemplars_per_class"] for r in rs) / len(rs),
-               "bytes_used": max(r["memory"]["bytes_used"] for r in rs), "trainable_params": rs[0]["trainable_params"],
-               "seconds": sum(sum(r["phase_seconds"]) for r in rs) / len(rs)}
-        for k in keys:
-            v = torch.tensor([r[k] for r in rs], dtype=torch.float64)
-            row[k] = v.mean().item()
-            row[k + "_std"] = v.std().item() if len(rs) > 1 else 0.0
-        out.append(row)
-    return out
-
-
-def show(results: list[dict], con) -> None:
-    from rich.table import Table
-    rows = summarize(results)
-    pm = (lambda r, k: f"{r[k]:.2f} ± {r[k + '_std']:.2f}") if any(r["runs"] > 1 for r in rows) else (lambda r, k: f"{r[k]:.2f}")
-    tab = Table(title="exmask results (accuracy in %" + (", mean ± std over seeds)" if any(r["runs"] > 1 for r in rows) else ")"))
-    for col in ("method", "avg inc. acc", "last acc", "forgetting", "BWT", "exemplars/class", "bytes used", "trainable", "s/run"):
-        tab.add_column(col, justify="right")
-    for r in rows:
-        tab.add_row(r["method"], pm(r, "avg_incremental_accuracy"), pm(r, "last_accuracy"), pm(r, "avg_forgetting"),
-                    pm(r, "bwt"), f"{r['exemplars_per_class']:.1f}", f"{r['bytes_used']:,}", f"{r['trainable_params']:,}",
-                    f"{r['seconds']:.0f}")
-    con.print(tab)
 
 
 def main(argv=None) -> None:
