@@ -56,6 +56,7 @@ class Opts:
     batch: int = 0         # model_speed: images per call (0 = 256 on cuda, 16 on cpu)
     steps: int = 0         # model_speed: timed calls per row after the warmup (0 = 10 on cuda, 3 on cpu)
     compile: bool = False  # model_speed: also the compiled steps (models.compiled); phase_loop: train.py --compile
+    replay_passes: int = 1  # phase_loop: train.py --replay-passes
     profile: bool = False  # model_speed: each row's time by kernel kind (bench_speed.profile_split)
     vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
     data: str = ""         # mask_precision (a manifest with object masks), masked_test; "" = the embedded data
@@ -395,6 +396,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=o.steps, help="model_speed: timed calls per row (0 = 10 cuda, 3 cpu)")
     p.add_argument("--compile", action="store_true",
                    help="model_speed: also the compiled steps; phase_loop: the loop as train.py --compile runs it")
+    p.add_argument("--replay-passes", type=int, default=o.replay_passes,
+                   help="phase_loop: the loop as train.py --replay-passes runs it (every exemplar K times an epoch)")
     p.add_argument("--profile", action="store_true",
                    help="model_speed: each row's time split by kernel kind (matmul, attention, other; torch.profiler)")
     p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
@@ -404,7 +407,7 @@ def main(argv=None) -> None:
     p.add_argument("--scale-steps", type=int, default=o.scale_steps, help="data_scale: ViT-B/16 training steps after start-up")
     a = p.parse_args(argv)
     opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, device=a.device, batch=a.batch,
-                steps=a.steps, compile=a.compile, profile=a.profile, vit=a.vit, data=a.data,
+                steps=a.steps, compile=a.compile, replay_passes=a.replay_passes, profile=a.profile, vit=a.vit, data=a.data,
                 sizes=tuple(int(x) for x in a.sizes.split(",")),
                 scale_dir=a.scale_dir, scale_steps=a.scale_steps)
     report = {"results": {}}

@@ -350,7 +350,8 @@ def phase_loop(o, base=None) -> dict:
     dev, cuda = o.device, o.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.set_num_threads(o.threads or torch.get_num_threads())
-    cfg = replace(base or T.Config(), device=dev, quiet=True, export=False, compile=o.compile, out=tempfile.mkdtemp())
+    cfg = replace(base or T.Config(), device=dev, quiet=True, export=False, compile=o.compile,
+                  replay_passes=o.replay_passes, out=tempfile.mkdtemp())
     mcfg, state, tok = default_backbone(cfg, dev, T.console(cfg))
     raw = D.make_synth(cfg.synth)
     if cuda or o.vit:   # a real-scale image tower, random weights (speed does not depend on them)
@@ -405,7 +406,7 @@ def phase_loop(o, base=None) -> dict:
     for t in range(cfg.phases):
         n_new = int((data["is_train"] & torch.isin(data["labels"], torch.tensor(phase_cls[t]))).sum())
         n_mem = res["memory_per_phase"][t - 1]["exemplars"] if t else 0
-        per_epoch, B, R = T.epoch_plan(n_new, n_mem, cfg.batch_size)
+        per_epoch, B, R = T.epoch_plan(n_new, n_mem * (cfg.replay_passes if cfg.replay == "epoch" else 0), cfg.batch_size)
         Bm = round(B * min(cfg.mask_new, 1.0)) if n_mem else 0     # masked new views per step, on average
         if (B, Bm, R) not in step_ms:
             rows = torch.randint(len(data["labels"]), (B + R,), generator=g)
@@ -432,11 +433,11 @@ def phase_loop(o, base=None) -> dict:
                 step_ms[(B, Bm, R)] = clock(step, o.steps or 10, 3, cuda)["ms"]
         steps = cfg.epochs * per_epoch
         alone_s += steps * step_ms[(B, Bm, R)] / 1e3
-        shapes.append({"phase": t + 1, "steps": steps, "new_per_step": B, "new_masked_per_step": Bm,
+        shapes.append({"phase": t + 1, "steps": steps, "exemplars": n_mem, "new_per_step": B, "new_masked_per_step": Bm,
                        "replayed_per_step": R, "step_ms": step_ms[(B, Bm, R)]})
     out = {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None,
            "vit": {k: getattr(mcfg.vit, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
-           "compile": o.compile, "loop_sdpa": M.LOOP_SDPA, "threads": torch.get_num_threads(), "images": len(data["labels"]),
+           "compile": o.compile, "replay_passes": cfg.replay_passes, "loop_sdpa": M.LOOP_SDPA, "threads": torch.get_num_threads(), "images": len(data["labels"]),
            "phase_loop_s": loop_s, "phase_seconds": res["phase_seconds"], **{f"{k}_s": v for k, v in spent.items()},
            "steps_alone_s": alone_s, "share_of_step_speed": alone_s / loop_s,
            "training_share_of_step_speed": alone_s / (spent["train_phase"] - spent["mask_sets"]), "phases": shapes,

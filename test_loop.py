@@ -209,16 +209,23 @@ def test_vectorised_token_mixup_shares_text_by_lambda():
 
 def test_bench_phase_loop_times_the_loop_and_its_steps(tmp_path, monkeypatch):
     """bench.py phase_loop with a timm ViT in place of the image tower (cuda's ViT-B/16 path; a ViT-Ti
-    at 64 px here), on a tiny config."""
+    at 64 px here), on a tiny config, with every exemplar replayed twice an epoch (--replay-passes 2)."""
     import timm
     import bench
     from dataclasses import replace
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda name, **kw: real(name, **kw, img_size=64))
     base = replace(tiny_train_cfg(tmp_path), epochs=1)
-    res = bench.phase_loop(bench.Opts(steps=1, vit="vit_tiny_patch16_224"), base)
+    res = bench.phase_loop(bench.Opts(steps=1, vit="vit_tiny_patch16_224", replay_passes=2), base)
     assert res["vit"]["image_size"] == 64 and len(res["phases"]) == base.phases == len(res["phase_seconds"])
-    assert res["phases"][1]["replayed_per_step"] > 0 and 0 < res["steps_alone_s"]
+    assert res["phases"][1]["replayed_per_step"] > 0 and 0 < res["steps_alone_s"] and res["replay_passes"] == 2
+    # the steps alone replay the memory twice an epoch, as the loop did
+    import train as T
+    p2 = res["phases"][1]
+    per_epoch, B, R = T.epoch_plan(base.synth.train_per_class * base.synth.n_classes // base.phases, 2 * p2["exemplars"],
+                                   base.batch_size)
+    assert p2["exemplars"] > 0 and (p2["steps"], p2["new_per_step"], p2["replayed_per_step"]) == (per_epoch, B, R)
+    assert R > T.epoch_plan(B * per_epoch, p2["exemplars"], base.batch_size)[2]
     assert 0 < res["train_phase_s"] + res["candidates_s"] + res["evaluate_s"] <= res["phase_loop_s"]
     # the steps alone include the new rows' masked views (--mask-new 1, the default) once there is a
     # memory, and the masks of those views are timed apart, within training
