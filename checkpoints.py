@@ -26,7 +26,7 @@ def save_checkpoint(path: str, ck: dict) -> None:
 RUN_KEYS = ("seed", "phases", "first_phase", "memory_per_class", "memory_bytes", "keep_image", "keep_text",
             "image_mask", "mask_candidates", "smooth_image", "context_weight", "recombine", "token_mixup",
             "mask_new", "replay", "val", "epochs", "batch_size", "lr", "lowres", "herding", "logit_adjust",
-            "mask_new_rule", "consistency", "adjust_views", "fill", "replay_passes")
+            "mask_new_rule", "consistency", "adjust_views", "fill", "replay_passes", "balanced_head")
 
 
 def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig) -> dict:

@@ -609,9 +609,13 @@ class TwoTower(nn.Module):
         """L2-normalise each tower's pooled embedding and join them: (B, F)."""
         return torch.cat([F.normalize(e, dim=-1) for e in (img_emb, txt_emb) if e is not None], -1)
 
+    def head_input(self, img_emb: torch.Tensor | None, txt_emb: torch.Tensor | None) -> torch.Tensor:
+        """Pooled embeddings -> what the head reads (B, F): fused, scaled to a norm of sqrt(F) a tower."""
+        return self.fuse(img_emb, txt_emb) * math.sqrt(self.feat_dim)
+
     def classify(self, img_emb: torch.Tensor | None, txt_emb: torch.Tensor | None) -> torch.Tensor:
         """Pooled embeddings -> logits (B, C)."""
-        return self.head(self.fuse(img_emb, txt_emb) * math.sqrt(self.feat_dim))
+        return self.head(self.head_input(img_emb, txt_emb))
 
     def forward_tokens(self, pixels, patch_idx, ids, pos=None, patch_keep=None):
         """Logits (B, C) from kept image patches (B, K, 3*p*p) at patch_idx (B, K) and kept text

@@ -60,6 +60,37 @@ def memory_bank(memory: Memory, pad: int, device: str, n_patches: int = 0) -> di
             "starts": (counts.cumsum(0) - counts)[group], "counts": counts[group]}
 
 
+HEAD_LR, HEAD_BATCH, HEAD_CHUNK = 1e-3, 64, 256   # balanced_head: Adam's step, rows a step, rows a forward pass
+
+
+def balanced_head(model: M.TwoTower, memory: Memory, epochs: int, device: str, seed: int) -> None:
+    """After a phase's exemplars are stored: `epochs` epochs of training the head alone on the memory,
+    every seen class's exemplars as stored (the same bytes a class), the towers' features computed
+    once (balanced fine-tuning, after EEIL). The phase fitted the head to many whole new rows and a
+    few masked exemplars a class; this refits it on the balanced, all-masked memory, so what the
+    exemplars keep of the full image is what reaches the whole test images."""
+    b = memory_bank(memory, model.cfg.text.pad_id, device, model.cfg.vit.n_patches)["batch"]
+    keep = b.get("patch_keep")
+    model.eval()
+    z = []
+    with torch.no_grad(), M.autocast(device):
+        for i in range(0, len(b["labels"]), HEAD_CHUNK):
+            s = slice(i, i + HEAD_CHUNK)
+            img = model.image(b["pixels"][s], b["patch_idx"][s], keep=None if keep is None else keep[s]) \
+                if model.use_image else None
+            z.append(model.head_input(img, model.text(b["ids"][s], b["pos"][s]) if model.use_text else None).float())
+    z, y = torch.cat(z), b["labels"]                                                   # (M, F), (M,)
+    opt = torch.optim.Adam(model.head.parameters(), lr=HEAD_LR)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for rows in torch.randperm(len(y), generator=gen).split(HEAD_BATCH):
+            rows = rows.to(z.device)
+            loss = F.cross_entropy(model.head(z[rows]), y[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
 def row_ce(logits: torch.Tensor, r: dict) -> torch.Tensor:
     """Each row's cross-entropy (B,) against lam * y_a + (1 - lam) * y_b (plain CE where there is no lam)."""
     ce = F.cross_entropy(logits, r["labels"], reduction="none")

@@ -125,6 +125,43 @@ def test_replay_passes_replay_every_exemplar_that_many_times_an_epoch(tmp_path, 
         T.main(["--replay-passes", "0", "--out", str(tmp_path / "x")])
 
 
+def test_balanced_head_trains_the_head_alone_on_the_memory(tmp_path, monkeypatch):
+    """--balanced-head E: after a phase's exemplars are stored, the head alone trains E epochs on the
+    memory: it fits the stored exemplars better, and nothing else moves; the loop calls it once a
+    phase, and a negative count is refused."""
+    import exemplars as E
+    import replay
+    import train as T
+    from memory import Memory
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu")
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    model.freeze_backbone()
+    memory = Memory(unlimited=True)
+    memory.add(E.candidates(model, data, [0, 1, 2, 3], "exmask", cfg, torch.Generator().manual_seed(0))[0])
+    b = T.memory_bank(memory, mcfg.text.pad_id, "cpu", mcfg.vit.n_patches)["batch"]
+
+    def memory_loss():
+        with torch.no_grad():
+            logits = model.forward_tokens(b["pixels"], b["patch_idx"], b["ids"], b["pos"], b.get("patch_keep"))
+        return float(torch.nn.functional.cross_entropy(logits, b["labels"]))
+    before, loss0 = {k: v.detach().clone() for k, v in model.named_parameters()}, memory_loss()
+    replay.balanced_head(model, memory, 3, "cpu", 0)
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert moved == {"head.weight", "head.bias"} and memory_loss() < loss0
+
+    calls = []
+    monkeypatch.setattr(T, "balanced_head", lambda m, mem, epochs, *a: calls.append((epochs, len(mem))))
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", epochs=1, balanced_head=2))
+    assert [e for e, _ in calls] == [2, 2] and 0 < calls[0][1] < calls[1][1]   # each phase, the memory grown
+    with pytest.raises(ValueError, match="balanced_head"):
+        T.Config(balanced_head=-1)
+    with pytest.raises(SystemExit):
+        T.main(["--balanced-head", "-1", "--out", str(tmp_path / "x")])
+
+
 def test_masks_do_not_depend_on_the_batches_they_are_scored_in(tmp_path, monkeypatch):
     """Masks and memory are the same whether a class is scored in one pass or 2 rows at a time, and
     with a quota only the samples herding reaches are masked."""
@@ -162,7 +199,10 @@ def test_the_memory_is_collated_once_a_phase(tmp_path, monkeypatch):
     monkeypatch.setattr(exmask, "collate", lambda items, *a, **k: calls.append(len(items)) or real(items, *a, **k))
     T.train(tiny_train_cfg(tmp_path, methods="exmask", phases=3, epochs=2, token_mixup=0.5, recombine=0.5,
                            synth=D.SynthConfig(n_classes=6, train_per_class=8, test_per_class=4)))
-    assert len(calls) == 2 and calls[0] < calls[1]         # phases 2 and 3, once each
+    # the training of phases 2 and 3 once each, and the head's training (--balanced-head) after each
+    # phase's exemplars are stored, once each: never per step
+    n = calls[0]
+    assert n > 0 and calls == [n, n, 2 * n, 2 * n, 3 * n]
 
 
 def test_joint_keeps_no_memory(tmp_path):

@@ -93,6 +93,8 @@ class Config:
     replay_passes: int = 1                  # epoch replay: every exemplar this many times per epoch, the passes
                                             # shuffled together (more steps where a step's replay would pass
                                             # REPLAY_MAX); chosen on validation rows, see the README
+    balanced_head: int = 2                  # after each phase, this many epochs of training the head alone on the
+                                            # memory (replay.balanced_head; 0 = off); chosen on validation rows
     val: float = 0.0                        # > 0: carve this share of each class's training rows as a validation
                                             # split and report on it instead of the test rows (to choose settings)
     seed: int = 0
@@ -156,6 +158,8 @@ class Config:
         if self.replay_passes < 1 or (self.replay_passes > 1 and self.replay != "epoch"):
             raise ValueError(f"replay_passes counts passes over the memory per epoch (replay 'epoch'): at least 1, "
                              f"got {self.replay_passes} with replay {self.replay!r}")
+        if self.balanced_head < 0:
+            raise ValueError(f"balanced_head counts epochs (0 = off), got {self.balanced_head}")
         if self.phases < 1 or self.epochs < 1 or self.batch_size < 1 or self.new_phases < 1:
             raise ValueError("phases, epochs and batch size must be at least 1")
         if self.dist_timeout <= 0:
@@ -277,7 +281,7 @@ REPLAY_MAX = 256        # most exemplars replayed in one step (epoch mode); a la
 
 
 from replay import (  # noqa: E402,F401  (re-exported: tests and benchmarks patch train.replay_batch etc.)
-    consistency, logit_prior, masked_and_replay, masked_batch, memory_bank, mixed_ce, new_loss, replay_batch, row_ce,
+    balanced_head, consistency, logit_prior, masked_and_replay, masked_batch, memory_bank, mixed_ce, new_loss, replay_batch, row_ce,
     share, to_device)
 
 
@@ -340,6 +344,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
                                            memory.quota(len(memory.classes) + len(phase_cls[t])))
                                 if ranks.is_main() else (None, []))
                 memory.add(ranks.broadcast(cands))
+                if cfg.balanced_head and len(memory):   # every process alike: the same memory, features and seed
+                    balanced_head(model, memory, cfg.balanced_head, device, cfg.seed)
                 if t == 0 and shown:
                     draw_masked(os.path.join(cfg.out, "masked_exemplars.png"), shown, mcfg.vit.patch_size,
                                 tok, data["class_names"])
@@ -607,6 +613,8 @@ def main(argv=None) -> None:
                    help="epoch: every exemplar once per epoch beside the new data; batch: batch-size exemplars per step")
     p.add_argument("--replay-passes", type=int, default=c.replay_passes,
                    help="epoch replay: every exemplar this many times per epoch (the passes shuffled together)")
+    p.add_argument("--balanced-head", type=int, default=c.balanced_head,
+                   help="after each phase, this many epochs of training the head alone on the memory (0 = off)")
     p.add_argument("--mask-new", type=float, default=c.mask_new, help="share of new samples also trained masked")
     p.add_argument("--consistency", type=float, default=c.consistency,
                    help="weight pulling a new sample's masked view's prediction toward its whole view's (0 = off)")
@@ -634,7 +642,7 @@ def main(argv=None) -> None:
                      export=not a.no_export, compile=a.compile, model=replace(c.model, adapter=a.adapter, modalities=a.modalities),
                      vit=a.vit, vit_file=a.vit_file, text_model=a.text_model, clip=a.clip, keep_image=a.keep_image, lowres=a.lowres, keep_text=a.keep_text,
                      smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, fill=a.fill, mask_candidates=a.mask_candidates, val=a.val,
-                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=bool(a.adjust_views), replay=a.replay, replay_passes=a.replay_passes,
+                     recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=bool(a.adjust_views), replay=a.replay, replay_passes=a.replay_passes, balanced_head=a.balanced_head,
                      dist_timeout=a.dist_timeout)
     except ValueError as e:
         p.error(str(e))
