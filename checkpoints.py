@@ -37,7 +37,7 @@ def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
 
 # Settings whose default changed when they were first recorded: a checkpoint written before then does
 # not name them and was made with this value, not with today's default.
-UNRECORDED = {"logit_adjust": 0.0, "adjust_views": False}
+UNRECORDED = {"logit_adjust": 0.0, "adjust_views": False, "balanced_head": 0}
 
 
 def load_checkpoint(path: str, run: dict, defaults: dict | None = None) -> dict:

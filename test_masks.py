@@ -631,3 +631,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
     assert C.load_checkpoint(path, dict(run, logit_adjust=0.0), defaults)["run"] == old
     with pytest.raises(SystemExit, match="logit_adjust"):
         C.load_checkpoint(path, dict(run, logit_adjust=T.Config().logit_adjust), defaults)
+    # nor did the head's training after each phase (--balanced-head, on by default since)
+    assert C.load_checkpoint(path, dict(run, balanced_head=0), defaults)["run"] == old
+    with pytest.raises(SystemExit, match="balanced_head"):
+        C.load_checkpoint(path, dict(run, balanced_head=T.Config().balanced_head), defaults)
