@@ -1,6 +1,7 @@
 """One training step's batches and losses, as the phase loop (train.py) builds them: new samples whole
 (or shown masked, --mask-new), and replayed exemplars from the memory collated once a phase, diversified
-by mixup replay; each loss as one process of a torchrun job adds it. train.py re-exports every name."""
+by mixup replay; each loss as one process of a torchrun job adds it; and after a phase, the head
+trained alone on the memory (balanced_head). train.py re-exports every name."""
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,8 @@ def balanced_head(model: M.TwoTower, memory: Memory, epochs: int, device: str, s
     """After a phase's exemplars are stored: `epochs` epochs of training the head alone on the memory,
     every seen class's exemplars as stored (the same bytes a class), the towers' features computed
     once (balanced fine-tuning, after EEIL). The phase fitted the head to many whole new rows and a
-    few masked exemplars a class; this refits it on the balanced, all-masked memory, so what the
-    exemplars keep of the full image is what reaches the whole test images."""
+    few masked exemplars a class; this refits it on the balanced memory (masked, for the masking
+    methods), so what the exemplars keep of the full image is what reaches the whole test images."""
     b = memory_bank(memory, model.cfg.text.pad_id, device, model.cfg.vit.n_patches)["batch"]
     keep = b.get("patch_keep")
     model.eval()
