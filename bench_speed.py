@@ -406,7 +406,7 @@ def phase_loop(o, base=None) -> dict:
     for t in range(cfg.phases):
         n_new = int((data["is_train"] & torch.isin(data["labels"], torch.tensor(phase_cls[t]))).sum())
         n_mem = res["memory_per_phase"][t - 1]["exemplars"] if t else 0
-        per_epoch, B, R = T.epoch_plan(n_new, n_mem * (cfg.replay_passes if cfg.replay == "epoch" else 0), cfg.batch_size)
+        per_epoch, B, R = T.phase_plan(cfg, n_new, n_mem)
         Bm = round(B * min(cfg.mask_new, 1.0)) if n_mem else 0     # masked new views per step, on average
         if (B, Bm, R) not in step_ms:
             rows = torch.randint(len(data["labels"]), (B + R,), generator=g)

@@ -617,12 +617,16 @@ class TwoTower(nn.Module):
         """Pooled embeddings -> logits (B, C)."""
         return self.head(self.head_input(img_emb, txt_emb))
 
+    def head_input_tokens(self, pixels, patch_idx, ids, pos=None, patch_keep=None) -> torch.Tensor:
+        """What the head reads (B, F) from kept tokens, as forward_tokens takes them."""
+        return self.head_input(self.image(pixels, patch_idx, keep=patch_keep) if self.use_image else None,
+                               self.text(ids, pos) if self.use_text else None)
+
     def forward_tokens(self, pixels, patch_idx, ids, pos=None, patch_keep=None):
         """Logits (B, C) from kept image patches (B, K, 3*p*p) at patch_idx (B, K) and kept text
         tokens ids (B, L) at positions pos (B, L); patch_keep (B, K) bool marks the real patches
         where rows keep different numbers of them (None: all real)."""
-        return self.classify(self.image(pixels, patch_idx, keep=patch_keep) if self.use_image else None,
-                             self.text(ids, pos) if self.use_text else None)
+        return self.head(self.head_input_tokens(pixels, patch_idx, ids, pos, patch_keep))
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) in 0..255, ids (B, L) -> logits (B, C). The exported graph."""

@@ -77,9 +77,8 @@ def balanced_head(model: M.TwoTower, memory: Memory, epochs: int, device: str, s
     with torch.no_grad(), M.autocast(device):
         for i in range(0, len(b["labels"]), HEAD_CHUNK):
             s = slice(i, i + HEAD_CHUNK)
-            img = model.image(b["pixels"][s], b["patch_idx"][s], keep=None if keep is None else keep[s]) \
-                if model.use_image else None
-            z.append(model.head_input(img, model.text(b["ids"][s], b["pos"][s]) if model.use_text else None).float())
+            z.append(model.head_input_tokens(b["pixels"][s], b["patch_idx"][s], b["ids"][s], b["pos"][s],
+                                             None if keep is None else keep[s]).float())
     z, y = torch.cat(z), b["labels"]                                                   # (M, F), (M,)
     opt = torch.optim.Adam(model.head.parameters(), lr=HEAD_LR)
     gen = torch.Generator().manual_seed(seed)

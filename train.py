@@ -398,6 +398,12 @@ def epoch_plan(n_new: int, n_mem: int, batch: int) -> tuple[int, int, int]:
     return steps, batch, math.ceil(n_mem / steps)
 
 
+def phase_plan(cfg: Config, n_new: int, n_mem: int) -> tuple[int, int, int]:
+    """epoch_plan for a phase of n_new new rows and n_mem exemplars as cfg replays them (epoch replay:
+    every exemplar replay_passes times an epoch; batch replay: none in the plan)."""
+    return epoch_plan(n_new, n_mem * cfg.replay_passes if cfg.replay == "epoch" else 0, cfg.batch_size)
+
+
 def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], memory: Memory | None,
                 method: str, rng: random.Random, con, desc: str) -> None:
     """Epochs over the new classes' training data; each step also replays exemplars from memory."""
@@ -405,8 +411,7 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
     idx = (data["is_train"] & torch.isin(data["labels"], torch.tensor(classes))).nonzero().flatten()
     n_mem = len(memory) if memory is not None else 0
     bank = memory_bank(memory, pad, device, model.cfg.vit.n_patches) if n_mem else None
-    per_epoch, B, per_step = epoch_plan(len(idx), n_mem * cfg.replay_passes if cfg.replay == "epoch" else 0,
-                                        cfg.batch_size)
+    per_epoch, B, per_step = phase_plan(cfg, len(idx), n_mem)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, foreach=True)   # one op per step for all tensors (CPU defaults to a loop)
     steps = cfg.epochs * per_epoch
