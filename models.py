@@ -593,12 +593,11 @@ class TwoTower(nn.Module):
             new.bias[:old.out_features] = old.bias
         self.head = new
 
-    def features(self, pixels, patch_idx, ids, pos=None, aux: bool = False):
-        """Fused features (B, F) from kept tokens; with aux also (image_aux, text_aux), each
-        (pooling attention row, token features) or None for an unused tower."""
-        outs = [tower(*args, aux=aux) if use else None
-                for use, tower, args in ((self.use_image, self.image, (pixels, patch_idx)),
-                                         (self.use_text, self.text, (ids, pos)))]
+    def features(self, pixels, patch_idx, ids, pos=None, aux: bool = False, patch_keep=None):
+        """Fused features (B, F) from kept tokens (patch_keep as forward_tokens takes it); with aux also
+        (image_aux, text_aux), each (pooling attention row, token features) or None for an unused tower."""
+        outs = [self.image(pixels, patch_idx, aux=aux, keep=patch_keep) if self.use_image else None,
+                self.text(ids, pos, aux=aux) if self.use_text else None]
         if not aux:
             return self.fuse(*outs)
         f = self.fuse(*[o[0] if o is not None else None for o in outs])
@@ -609,24 +608,19 @@ class TwoTower(nn.Module):
         """L2-normalise each tower's pooled embedding and join them: (B, F)."""
         return torch.cat([F.normalize(e, dim=-1) for e in (img_emb, txt_emb) if e is not None], -1)
 
-    def head_input(self, img_emb: torch.Tensor | None, txt_emb: torch.Tensor | None) -> torch.Tensor:
-        """Pooled embeddings -> what the head reads (B, F): fused, scaled to a norm of sqrt(F) a tower."""
-        return self.fuse(img_emb, txt_emb) * math.sqrt(self.feat_dim)
+    def head_input(self, fused: torch.Tensor) -> torch.Tensor:
+        """Fused features (B, F) -> what the head reads: scaled to a norm of sqrt(F) a tower."""
+        return fused * math.sqrt(self.feat_dim)
 
     def classify(self, img_emb: torch.Tensor | None, txt_emb: torch.Tensor | None) -> torch.Tensor:
         """Pooled embeddings -> logits (B, C)."""
-        return self.head(self.head_input(img_emb, txt_emb))
-
-    def head_input_tokens(self, pixels, patch_idx, ids, pos=None, patch_keep=None) -> torch.Tensor:
-        """What the head reads (B, F) from kept tokens, as forward_tokens takes them."""
-        return self.head_input(self.image(pixels, patch_idx, keep=patch_keep) if self.use_image else None,
-                               self.text(ids, pos) if self.use_text else None)
+        return self.head(self.head_input(self.fuse(img_emb, txt_emb)))
 
     def forward_tokens(self, pixels, patch_idx, ids, pos=None, patch_keep=None):
         """Logits (B, C) from kept image patches (B, K, 3*p*p) at patch_idx (B, K) and kept text
         tokens ids (B, L) at positions pos (B, L); patch_keep (B, K) bool marks the real patches
         where rows keep different numbers of them (None: all real)."""
-        return self.head(self.head_input_tokens(pixels, patch_idx, ids, pos, patch_keep))
+        return self.head(self.head_input(self.features(pixels, patch_idx, ids, pos, patch_keep=patch_keep)))
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) in 0..255, ids (B, L) -> logits (B, C). The exported graph."""

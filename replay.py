@@ -77,8 +77,8 @@ def balanced_head(model: M.TwoTower, memory: Memory, epochs: int, device: str, s
     with torch.no_grad(), M.autocast(device):
         for i in range(0, len(b["labels"]), HEAD_CHUNK):
             s = slice(i, i + HEAD_CHUNK)
-            z.append(model.head_input_tokens(b["pixels"][s], b["patch_idx"][s], b["ids"][s], b["pos"][s],
-                                             None if keep is None else keep[s]).float())
+            z.append(model.head_input(model.features(b["pixels"][s], b["patch_idx"][s], b["ids"][s], b["pos"][s],
+                                                     patch_keep=None if keep is None else keep[s])).float())
     z, y = torch.cat(z), b["labels"]                                                   # (M, F), (M,)
     opt = torch.optim.Adam(model.head.parameters(), lr=HEAD_LR)
     gen = torch.Generator().manual_seed(seed)
