@@ -15,7 +15,7 @@ Results are printed and merged into the JSON file `--out` (default runs/bench.js
 "results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
 
 Adding one: write `def name(o: Opts) -> dict`, put it in BENCHMARKS, add any new knob to Opts. The
-speed benchmarks (model_speed, phase_loop) live in bench_speed.py, data_scale in bench_data.py.
+speed benchmarks (model_speed, phase_loop, sdpa_shapes) live in bench_speed.py, data_scale in bench_data.py.
 
 Threads: torch.set_num_threads and ORT's intra-op threads are set to the same number (--threads;
 0 = torch's default). On a VM whose vCPUs share fewer physical cores (the 2-vCPU sandbox this was
@@ -60,6 +60,7 @@ class Opts:
     profile: bool = False  # model_speed: each row's time by kernel kind (bench_speed.profile_split)
     vit: str = ""          # model_speed: a timm ViT name ("" = SPEED_VITS by device)
     data: str = ""         # mask_precision (a manifest with object masks), masked_test; "" = the embedded data
+    keep_image: float = 0.0  # mask_precision: the share of patches kept (0 = train.Config's default)
     sizes: tuple = (5000, 50000)  # data_scale: manifest sizes (images)
     scale_dir: str = os.path.join(tempfile.gettempdir(), "exmask-scale")  # data_scale: manifests and caches
     scale_steps: int = 0   # data_scale: ViT-B/16 training steps after the largest warm start-up (0 = none)
@@ -169,7 +170,7 @@ def onnx_latency(o: Opts) -> dict:
 
 def replay_cost(o: Opts) -> dict:
     """One training step (forward, backward, Adam) of the default SSF model on B replayed exemplars:
-    masked (exmask's default shares: 30 % of patches, 80 % of caption words) vs full, per exemplar.
+    masked (30 % of patches, 80 % of caption words: the shares of an earlier default) vs full, per exemplar.
     Exemplars are built and batched by exmask.encode / exmask.collate, as in training."""
     import exmask
     threads = o.threads or torch.get_num_threads()
@@ -210,7 +211,7 @@ def replay_cost(o: Opts) -> dict:
 
 
 def mask_precision(o: Opts) -> dict:
-    """How the patches each rule keeps (train.Config's share) relate to the object and to the full
+    """How the patches each rule keeps (o.keep_image, or train.Config's share) relate to the object and to the full
     image, with the default pretrained towers (cached, or pretrained once), on up to 400 *training*
     rows (never the test rows) of the embedded data or of a manifest with object masks (--data, e.g.
     data.py icons):
@@ -223,7 +224,7 @@ def mask_precision(o: Opts) -> dict:
     from exemplars import draw_noise, image_keep
     from train import Config, console, read_data
     torch.set_num_threads(o.threads or torch.get_num_threads())
-    cfg = Config(quiet=True, data=o.data, device="cpu")
+    cfg = Config(quiet=True, data=o.data, device="cpu", keep_image=o.keep_image or Config().keep_image)
     mcfg, state, _ = default_backbone(cfg, "cpu", console(cfg))
     model = M.TwoTower(mcfg, 1).eval()
     model.load_state_dict(state, strict=False)
@@ -402,13 +403,15 @@ def main(argv=None) -> None:
                    help="model_speed: each row's time split by kernel kind (matmul, attention, other; torch.profiler)")
     p.add_argument("--vit", default=o.vit, help="model_speed: a timm ViT name instead of SPEED_VITS")
     p.add_argument("--data", default=o.data, help="mask_precision (a manifest with object masks), masked_test: the data (default: embedded)")
+    p.add_argument("--keep-image", type=float, default=o.keep_image,
+                   help="mask_precision: the share of patches kept (default: train.py's --keep-image)")
     p.add_argument("--sizes", default=",".join(map(str, o.sizes)), help="data_scale: manifest sizes, comma-separated")
     p.add_argument("--scale-dir", default=o.scale_dir, help="data_scale: where the manifests and caches go (GBs)")
     p.add_argument("--scale-steps", type=int, default=o.scale_steps, help="data_scale: ViT-B/16 training steps after start-up")
     a = p.parse_args(argv)
     opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, device=a.device, batch=a.batch,
                 steps=a.steps, compile=a.compile, replay_passes=a.replay_passes, profile=a.profile, vit=a.vit, data=a.data,
-                sizes=tuple(int(x) for x in a.sizes.split(",")),
+                keep_image=a.keep_image, sizes=tuple(int(x) for x in a.sizes.split(",")),
                 scale_dir=a.scale_dir, scale_steps=a.scale_steps)
     report = {"results": {}}
     if os.path.exists(a.out):

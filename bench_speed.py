@@ -1,5 +1,6 @@
-"""Speed benchmarks (issue #9), run through bench.py: our ViT against timm's (model_speed) and the
-phase loop against its own steps (phase_loop), with the yardsticks they share: the matmul FLOPs of a
+"""Speed benchmarks (issue #9), run through bench.py: our ViT against timm's (model_speed), the
+phase loop against its own steps (phase_loop) and what a new shape costs a step (sdpa_shapes), with
+the yardsticks they share: the matmul FLOPs of a
 ViT step (vit_flops), the achieved matmul rate (matmul_rate) and a synchronised clock (clock).
 
     python bench.py --only model_speed --only phase_loop --device cuda [--compile]

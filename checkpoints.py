@@ -3,6 +3,7 @@ the same run: RUN_KEYS), and the finished model (model.pt, tokenizer, labels.jso
 values only. train.py re-exports every name here."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -29,10 +30,41 @@ RUN_KEYS = ("seed", "phases", "first_phase", "memory_per_class", "memory_bytes",
             "mask_new_rule", "consistency", "adjust_views", "fill", "replay_passes", "balanced_head")
 
 
-def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig) -> dict:
-    """The settings a checkpoint was made with, as plain values."""
-    return {"method": method, **{k: getattr(cfg, k) for k in RUN_KEYS}, "classes": list(data["class_names"]),
-            "towers": json.loads(json.dumps(asdict(mcfg)))}
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short hash of named tensors: their names, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(tensors[k].shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def data_identity(cfg) -> str:
+    """A short hash of the data a run trains on: the manifest's bytes, or the embedded data's settings
+    (the images themselves are checked by the image cache, data.read_manifest)."""
+    h = hashlib.blake2b(digest_size=8)
+    if cfg.data:
+        with open(cfg.data, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(json.dumps(asdict(cfg.synth), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def run_identity(cfg, method: str, data: dict, mcfg: M.ModelConfig, backbone: dict | None = None) -> dict:
+    """The settings a checkpoint was made with, as plain values: RUN_KEYS, the classes, the towers'
+    shapes, and hashes of the data and of the towers' frozen weights (backbone, where given)."""
+    run = {"method": method, **{k: getattr(cfg, k) for k in RUN_KEYS}, "classes": list(data["class_names"]),
+           "towers": json.loads(json.dumps(asdict(mcfg))), "data": data_identity(cfg)}
+    if backbone is not None:
+        run["backbone"] = digest(backbone)
+    return run
+
+
+# Identity entries recorded since 2026-11-29: a checkpoint written before then lacks them and is trusted.
+LATER = ("data", "backbone")
 
 
 # Settings whose default changed when they were first recorded: a checkpoint written before then does
@@ -54,9 +86,12 @@ def load_checkpoint(path: str, run: dict, defaults: dict | None = None) -> dict:
     if old is None:
         raise SystemExit(f"error: checkpoint {path} was made by an older version; delete it to start over")
     for k, v in run.items():
+        if k in LATER and k not in old:
+            continue
         if old.get(k, defaults.get(k)) != v:
-            what = "the classes or their order" if k == "classes" else k
-            shown = "" if k in ("classes", "towers") else f": {old.get(k)!r} there, {v!r} now"
+            what = {"classes": "the classes or their order", "data": "data (the manifest or the embedded data's settings)",
+                    "backbone": "backbone (the towers' frozen weights)"}.get(k, k)
+            shown = "" if k in ("classes", "towers", "data", "backbone") else f": {old.get(k)!r} there, {v!r} now"
             raise SystemExit(f"error: --resume: {path} was made with another {what}{shown}; resume with the same "
                              "settings, or use another --out (or delete it) to start over")
     return ck

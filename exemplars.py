@@ -112,16 +112,17 @@ def image_keep(model: M.TwoTower, x: torch.Tensor, ids: torch.Tensor, attn: torc
         full = feats[:, :E].float().to(dev)                                            # (n, E) unit length
         txt = feats[:, E:].to(dev) if model.use_text else None                         # classify re-normalises
         idx = torch.stack([top(u) for u in noise]).to(dev)                             # (C, n, K)
-        # each candidate as it would replay (with cfg.lowres: whole, the rest from its thumbnail)
-        v = exmask.masked_view(x.repeat(len(idx), 1, 1), None, idx.flatten(0, 1), None, 0,
-                               model.cfg.vit.patch_size, cfg.lowres)                   # (C n, K|N, P)
-        emb = model.image(v["pixels"], v["patch_idx"]).float()                          # (C n, E)
-        if rule == "class":
-            s = model.classify(emb, txt.repeat(len(idx), 1)).float().log_softmax(-1)
-            s = s.gather(1, labels.to(dev).repeat(len(idx))[:, None])[:, 0]
-        else:
-            s = F.cosine_similarity(emb, full.repeat(len(idx), 1), dim=-1)
-        best = s.view(len(idx), n).argmax(0)                                           # (n,) first best wins
+        s = []
+        for cand in idx:   # one candidate of every row per pass: at most n <= MASK_BATCH rows on the device
+            # the candidate as it would replay (with cfg.lowres: whole, the rest from its thumbnail)
+            v = exmask.masked_view(x, None, cand, None, 0, model.cfg.vit.patch_size, cfg.lowres)  # (n, K|N, P)
+            emb = model.image(v["pixels"], v["patch_idx"]).float()                      # (n, E)
+            if rule == "class":
+                lp = model.classify(emb, txt).float().log_softmax(-1)                   # (n, C') txt None: image only
+                s.append(lp.gather(1, labels.to(dev)[:, None])[:, 0])
+            else:
+                s.append(F.cosine_similarity(emb, full, dim=-1))
+        best = torch.stack(s).argmax(0)                                                # (n,) first best wins
     return idx[best, torch.arange(n, device=dev)].cpu()
 
 
@@ -207,7 +208,7 @@ def masked_features(model: M.TwoTower, data: dict, rows: torch.Tensor, m: dict, 
 
 
 def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, cfg,
-               gen: torch.Generator, quota: int | None = None) -> tuple[dict, list]:
+               gen: torch.Generator, quota: int | None = None, fill_quota: int | None = None) -> tuple[dict, list]:
     """Exemplars for the new classes, in herding order on the fused features; masked for exmask
     and its ablations. Herding (cfg.herding "full": on the full samples' features; "masked": on the
     masked exemplars', toward the full samples' class mean) stops once a class's exemplars fill
@@ -218,12 +219,16 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
     its quota at that share, cfg.fill "patches" gives each more patches (exmask.fill_keep) and
     "copies" stores every row again, round by round in herding order, each copy keeping patches that
     the row's earlier copies do not (while any are left), until the quota is full (at most MAX_COPIES
-    of a row, each then with more patches).
+    of a row, each then with more patches). fill_quota (default: quota) is the share those two size
+    the exemplars for: under a fixed total budget, the smaller share a class will have in the last
+    phase, so that the trimming of later phases (Memory.add) does not drop whole rows of an early
+    class that sharper exemplars had crowded out.
     Also returns, for the picture, the first exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id
     N, P = data["patches"].shape[1:]
-    masked = method in MASKING and model.use_image
+    img_mode, txt_mode, _ = mask_modes(model, method, cfg)
+    masked = img_mode is not None                      # the image is masked (text-mask keeps it whole)
     p, lowres = model.cfg.vit.patch_size, cfg.lowres if masked else 0
     for c in classes:
         rows = (data["is_train"] & (data["labels"] == c)).nonzero().flatten()
@@ -234,13 +239,14 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
             caps = data["ids"][rows]
             longest = int((caps != pad).sum(1).max()) * model.use_text if len(rows) else 0
             most = exmask.exemplar_bytes(N, P, longest, V, caps.shape[1], K / N,    # the class's largest exemplar
-                                         cfg.keep_text if model.use_text else None, cfg.lowres)
+                                         cfg.keep_text if txt_mode else None, cfg.lowres)
             other = most - K * P                                                      # its bytes besides the patches
-            filled = exmask.fill_keep(len(rows), quota, N, P, other, K)
+            fq = quota if fill_quota is None else fill_quota
+            filled = exmask.fill_keep(len(rows), fq, N, P, other, K)
             if cfg.fill == "copies" and filled > K:   # every row fits: more masked copies of each row at K
-                rounds = quota // (len(rows) * (other + K * P)) + 1                   # the last one cut by the quota
+                rounds = fq // (len(rows) * (other + K * P)) + 1                      # the last one cut by the quota
                 if rounds > MAX_COPIES:   # very few rows: the most copies, each with more patches
-                    rounds, K = MAX_COPIES, exmask.fill_keep(len(rows) * MAX_COPIES, quota, N, P, other, K)
+                    rounds, K = MAX_COPIES, exmask.fill_keep(len(rows) * MAX_COPIES, fq, N, P, other, K)
             else:
                 K = filled
             one = other + K * P

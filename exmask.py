@@ -1,9 +1,11 @@
-"""Exemplar masking as pure functions of tensors (arXiv 2412.09549, with our reading of it in
-shared/DESIGN.md).
+"""Exemplar masking as pure functions of tensors (arXiv 2412.09549; the README's "How it works"
+says how this repository reads the paper).
 
   1. smooth_scores / keep_top: rank patches by the pooling query's attention in the image tower's
-     last block (mean over heads), by default averaged over each patch's 3 x 3 neighbours, and keep
-     the top share, in ascending patch order.
+     last block (mean over heads), optionally averaged over each patch's 3 x 3 neighbours, and keep
+     the top share, in ascending patch order: the paper's rule and its smoothed form (`paper`,
+     `attn`). The default rule, `feature` (the best of several random masks by how close the masked
+     embedding stays to the full one), lives in exemplars.image_keep, which uses these functions.
   2. text_scores: rank caption tokens by (a) the text pooling token's attention (class words) plus
      (b) their similarity to the *discarded* patches in the shared embedding space (context words:
      what the image lost, the text keeps). Special tokens (position 0 and the end marker) always stay.

@@ -473,7 +473,7 @@ def main(argv=None) -> None:
         return
 
     pred = Predictor(a.dir, providers=["CPUExecutionProvider"] if a.cpu else None, threads=a.threads)
-    print(f"providers: {', '.join(pred.providers)}", file=sys.stderr)
+    used = f"providers: {', '.join(pred.providers)}"   # said once the rows are served: an error stays one line
     if a.predict:
         rows = [{"image": a.predict[0], "path": a.predict[0], "text": a.predict[1]}]
     else:
@@ -487,6 +487,7 @@ def main(argv=None) -> None:
         r = compare(model, pred.session, imgs, ids)
         print(f"ORT vs PyTorch on {r['n']} rows: max |logit diff| {r['max_abs_diff']:.2e}, "
               f"top-1 agreement {100 * r['top1_agree']:.1f}%")
+        print(used, file=sys.stderr)
         if not (r["max_abs_diff"] <= TOL and r["top1_agree"] == 1.0):
             raise SystemExit(f"error: parity check failed (tolerance {TOL})")
         return
@@ -503,6 +504,7 @@ def main(argv=None) -> None:
             if r.get("label") not in (None, ""):
                 labelled += 1
                 correct += top[0][0] == str(r["label"])
+    print(used, file=sys.stderr)
     if labelled:
         print(f"top-1 accuracy on {labelled} labelled rows: {100 * correct / labelled:.2f}%", file=sys.stderr)
 

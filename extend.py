@@ -239,3 +239,7 @@ def continue_run(cfg: T.Config, con) -> list[dict]:
         draw_accuracy(os.path.join(cfg.out, "accuracy.png"), [res])
     ranks.barrier()
     return [res]
+
+
+if __name__ == "__main__":   # the command is train.py --continue: this only says how to use it
+    print(__doc__)

@@ -52,7 +52,7 @@ class Memory:
 
     per_class_bytes > 0: the budget grows with the classes (M full exemplars' bytes each);
     total_bytes > 0: a fixed total shared by all seen classes; unlimited=True keeps everything
-    (the joint upper bound)."""
+    (budget -1, quota None; the loop never builds one: `joint` trains on the data itself)."""
 
     def __init__(self, per_class_bytes: int = 0, total_bytes: int = 0, unlimited: bool = False):
         if not unlimited and (per_class_bytes > 0) == (total_bytes > 0):
@@ -67,8 +67,9 @@ class Memory:
             return -1
         return self.per_class_bytes * n if self.per_class_bytes else self.total_bytes
 
-    def quota(self, n_classes: int) -> int:
-        return self.budget(n_classes) // max(n_classes, 1)
+    def quota(self, n_classes: int) -> int | None:
+        """Each class's share of the budget in bytes once n_classes are seen (None: unlimited, keep all)."""
+        return None if self.unlimited else self.budget(n_classes) // max(n_classes, 1)
 
     def bytes_used(self) -> int:
         return sum(exmask.nbytes(ex) for items in self.classes.values() for ex in items)

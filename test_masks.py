@@ -46,6 +46,16 @@ def fake_theme_tree(root, themes=("alpha", "beta", "gamma"), names=("printer", "
     return root
 
 
+def tiny_model_and_data(cfg) -> tuple:
+    """The tiny towers (pretrained once, cached) with a head of 4 classes, and cfg's data prepared."""
+    import train as T
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    return mcfg, data, model
+
+
 def test_icons_builder_writes_a_manifest_with_object_masks(tmp_path):
     root = fake_theme_tree(str(tmp_path / "icons"))
     path = R.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
@@ -345,13 +355,9 @@ def test_token_mixup_never_puts_two_tokens_at_one_position():
 
 
 def test_herding_stops_at_the_quota_with_the_same_memory(tmp_path):
-    import train as T
     from memory import Memory
     cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu")
-    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
-    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
-    model = M.TwoTower(mcfg, 4)
-    model.load_state_dict(state, strict=False)
+    mcfg, data, model = tiny_model_and_data(cfg)
     all_, _ = E.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0))
     q = 3 * exmask.nbytes(all_[0][0])
     cut, _ = E.candidates(model, data, [0, 1], "exmask", cfg, torch.Generator().manual_seed(0), quota=q)
@@ -381,6 +387,8 @@ def test_bench_mask_precision_on_a_manifest_with_masks(tmp_path, monkeypatch):
     r = res["rules"]
     assert r["object"]["on_object"] >= r["random"]["on_object"] and r["object"]["on_object"] > 0
     assert r["feature"]["fidelity"] >= r["random"]["fidelity"] - 1e-6     # its first candidate is random's mask
+    bench.main(["--only", "mask_precision", "--data", path, "--threads", "1", "--out", out, "--keep-image", "0.5"])
+    assert json.load(open(out))["results"]["mask_precision"]["kept_patches"] == 8                 # half of 16
 
 
 def test_bench_masked_test_reads_a_trained_run(tmp_path, monkeypatch):
@@ -415,16 +423,12 @@ def test_bench_masked_test_reads_a_trained_run(tmp_path, monkeypatch):
 def test_a_class_with_too_few_rows_keeps_more_patches_and_fills_its_quota(tmp_path):
     """fill_keep: with rows to spare a class's exemplars keep the --keep-image share; with too few
     rows to fill the quota at that share, every row is stored, each with more patches, within the quota."""
-    import train as T
     assert exmask.fill_keep(10, 10 * (6 * 48 + 20), 64, 48, 20, 4) == 6      # exactly what fits
     assert exmask.fill_keep(10, 10 * (3 * 48 + 20), 64, 48, 20, 4) == 4      # never below the share
     assert exmask.fill_keep(2, 10 ** 9, 64, 48, 20, 4) == 64                  # never beyond the image
     assert exmask.fill_keep(10, None, 64, 48, 20, 4) == 4
     cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25, fill="patches")
-    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
-    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
-    model = M.TwoTower(mcfg, 4)
-    model.load_state_dict(state, strict=False)
+    mcfg, data, model = tiny_model_and_data(cfg)
     N = data["patches"].shape[1]
     rows = int((data["is_train"] & (data["labels"] == 0)).sum())
     K = exmask.keep_count(N, cfg.keep_image)
@@ -444,10 +448,7 @@ def test_fill_copies_stores_more_masked_copies_of_each_row_at_the_share(tmp_path
     copies do not, within the quota; with rows to spare nothing changes; with masked herding too."""
     import train as T
     cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25, fill="copies")
-    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
-    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
-    model = M.TwoTower(mcfg, 4)
-    model.load_state_dict(state, strict=False)
+    mcfg, data, model = tiny_model_and_data(cfg)
     N, P = data["patches"].shape[1:]
     rows = int((data["is_train"] & (data["labels"] == 0)).sum())
     K = exmask.keep_count(N, cfg.keep_image)
@@ -580,13 +581,9 @@ def test_masked_herding_keeps_the_same_masks_in_another_order(tmp_path):
     """--herding masked: every row keeps the mask it would keep anyway (noise drawn up front), only
     the order (which rows fill the quota) changes; herding toward a target picks first the row that
     lies closest to the target's mean."""
-    import train as T
     from memory import herd
     cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu")
-    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
-    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
-    model = M.TwoTower(mcfg, 4)
-    model.load_state_dict(state, strict=False)
+    mcfg, data, model = tiny_model_and_data(cfg)
     full, _ = E.candidates(model, data, [0], "exmask", cfg, torch.Generator().manual_seed(0))
     mcfg_ = replace(cfg, herding="masked")
     mine, _ = E.candidates(model, data, [0], "exmask", mcfg_, torch.Generator().manual_seed(0))
@@ -602,15 +599,19 @@ def test_masked_herding_keeps_the_same_masks_in_another_order(tmp_path):
         replace(cfg, herding="sometimes")
 
 
-def test_a_total_byte_budget_trains_through_phases_whose_exemplars_keep_different_shares(tmp_path):
-    """--memory-bytes: each phase's per-class share shrinks, so the fill rule gives each phase's
-    exemplars another number of patches; from the third phase on, the memory replays rows of
-    different lengths together (this run stopped with a RuntimeError in collate before)."""
+def test_a_total_byte_budget_fills_every_class_for_the_last_phase_share(tmp_path):
+    """--memory-bytes: each class's share shrinks as classes come, so the fill rule sizes every class's
+    exemplars for the share of the last phase. The first phase's class then keeps as many rows of as
+    many patches as the last one's (before, it kept sharper exemplars while its share was large and
+    later lost whole rows to the trimming)."""
     import train as T
-    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", memory_bytes=60000, memory_per_class=0, phases=4)
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", memory_bytes=20000, memory_per_class=0, phases=4)
     r = T.train(cfg)[0]
-    kept = {s["mean_kept_patches"] for s in r["memory_per_phase"]}
-    assert len(kept) > 1 and r["memory"]["bytes_used"] <= 60000 and len(r["accuracy_matrix"]) == 4
+    assert len({s["mean_kept_patches"] for s in r["memory_per_phase"]}) == 1
+    counts = torch.load(os.path.join(cfg.out, "exmask", "checkpoint.pt"), weights_only=True)["memory"]["counts"]
+    assert counts == [counts[0]] * 4 and counts[0] > 1
+    assert r["memory"]["bytes_used"] <= 20000 and len(r["accuracy_matrix"]) == 4
+    assert T.Memory(total_bytes=20000).quota(4) == 5000 and T.Memory(unlimited=True).quota(4) is None   # keep all
 
 
 def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
@@ -635,3 +636,38 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_p
     assert C.load_checkpoint(path, dict(run, balanced_head=0), defaults)["run"] == old
     with pytest.raises(SystemExit, match="balanced_head"):
         C.load_checkpoint(path, dict(run, balanced_head=T.Config().balanced_head), defaults)
+
+
+def test_ablations_count_their_own_bytes_and_the_candidate_rules_stay_within_mask_batch(tmp_path, monkeypatch):
+    """candidates plans bytes by what a method masks: text-mask keeps the image whole (no fill, no copies,
+    no thumbnails), image-mask keeps the caption whole even with --keep-text below 1 (so a quota sized
+    for every row stores every row). The "class" and "feature" rules score one candidate of every row
+    per forward pass (at most MASK_BATCH rows), and "class" runs on an image-only model."""
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", device="cpu", keep_image=0.25, fill="copies", lowres=2)
+    mcfg, data, model = tiny_model_and_data(cfg)
+    N, P = data["patches"].shape[1:]
+    rows = int((data["is_train"] & (data["labels"] == 0)).sum())
+    full = exmask.full_bytes(N, P, mcfg.text.context, mcfg.text.vocab_size)
+    got = E.candidates(model, data, [0], "text-mask", replace(cfg, keep_text=0.8), torch.Generator().manual_seed(0),
+                       quota=3 * rows * full)[0][0]
+    assert len(got) == rows and all("thumb" not in ex and len(ex["pixels"]) == N for ex in got)   # once each, whole
+    caps = data["ids"][(data["is_train"] & (data["labels"] == 0)).nonzero().flatten()]
+    longest = int((caps != mcfg.text.pad_id).sum(1).max())
+    one = exmask.exemplar_bytes(N, P, longest, mcfg.text.vocab_size, mcfg.text.context, 0.25, None)  # caption whole
+    got = E.candidates(model, data, [0], "image-mask", replace(cfg, keep_text=0.5, fill="patches", lowres=0),
+                       torch.Generator().manual_seed(0), quota=rows * one)[0][0]
+    assert len(got) == rows and all(len(ex["ids"]) == int((c != mcfg.text.pad_id).sum()) for ex, c in zip(got, caps))
+
+    passes, real = [], model.image.forward
+    monkeypatch.setattr(model.image, "forward", lambda x, *a, **k: (passes.append(len(x)), real(x, *a, **k))[1])
+    monkeypatch.setattr(E, "MASK_BATCH", 4)
+    for rule in ("feature", "class"):
+        passes.clear()
+        E.candidates(model, data, [0], "exmask", replace(cfg, image_mask=rule, fill="patches", lowres=0),
+                     torch.Generator().manual_seed(0))
+        assert passes and max(passes) <= 4
+    image_only = replace(cfg, model=replace(mcfg, modalities="image"), methods="exmask", image_mask="class",
+                         fill="patches", lowres=0, out=str(tmp_path / "img"))
+    r = T.train(image_only)[0]
+    assert r["modalities"] == "image" and r["memory"]["exemplars"] > 0

@@ -293,3 +293,92 @@ def test_adjust_views_gives_whole_and_masked_rows_each_their_own_prior(tmp_path,
     T.main([])
     T.main(["--adjust-views", "0"])
     assert cli[0].adjust_views is True and cli[1].adjust_views is False
+
+
+def test_batch_replay_prior_counts_the_replayed_half_as_much_as_the_new_half(tmp_path, monkeypatch):
+    """--replay batch: each step's loss is (new rows + their masked views) / 2 + (replayed rows) / 2, so
+    the masked prior counts the exemplars together as many as the new rows and views they stand beside."""
+    import train as T
+    seen, real = [], T.logit_prior
+
+    def spy(counts, tau):
+        seen.append(counts.clone())
+        return real(counts, tau)
+
+    monkeypatch.setattr(T, "logit_prior", spy)
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", replay="batch", balanced_head=0))
+    whole, masked = seen[-2], seen[-1]                       # phase 2, adjust_views: one prior per view
+    assert whole.tolist() == [0.0, 0.0, 8.0, 8.0]            # the new classes' rows
+    assert masked[2:].tolist() == [8.0, 8.0]                 # their masked views (--mask-new 1)
+    assert float(masked[:2].sum()) == pytest.approx(float(whole.sum() + masked[2:].sum()))
+
+
+def test_problems_with_options_are_one_line_before_any_training(tmp_path, monkeypatch, capsys):
+    import train as T
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:            # a bad value: one line, exit 2, no usage block
+        T.main(["--keep-image", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: keep_image")
+    with pytest.raises(SystemExit) as e:            # bad data: no empty run folder left behind
+        T.main(["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and not os.path.exists(tmp_path / "o")
+    with pytest.raises(ValueError, match="give --vit too"):
+        T.Config(vit_file="weights.safetensors")
+    assert T.data_name("data/icons-dev/manifest.csv") == "icons-dev" and T.data_name("a/b.jsonl") == "b"
+    assert T.data_name("") == "default"
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the check")
+    monkeypatch.setattr(T, "train_phase", no_training)
+    with pytest.raises(SystemExit, match="--lowres 3 must divide the image side"):
+        T.train(tiny_train_cfg(tmp_path, methods="exmask", lowres=3))
+    with pytest.raises(SystemExit, match="oracle-mask needs object masks"):
+        T.check_methods(tiny_train_cfg(tmp_path, methods="oracle-mask"), tiny_train_cfg(tmp_path).model, {}, None)
+    said = []
+    con = type("Con", (), {"print": lambda self, m: said.append(m)})()
+    T.check_methods(tiny_train_cfg(tmp_path, methods="exmask,image-mask,text-mask"), tiny_train_cfg(tmp_path).model,
+                    {}, con)
+    assert len(said) == 2 and "image-mask stores exmask itself" in said[0] and "text-mask stores replay's" in said[1]
+    said.clear()
+    T.check_methods(tiny_train_cfg(tmp_path, methods="image-mask,text-mask", keep_text=0.8),
+                    tiny_train_cfg(tmp_path).model, {}, con)
+    assert said == []
+
+
+def test_a_failed_export_loses_no_results_and_the_next_method_still_runs(tmp_path, monkeypatch):
+    import export
+    import train as T
+    tried = []
+
+    def fail(folder, log=None, **k):
+        tried.append(os.path.basename(folder))
+        raise SystemExit("error: ONNX Runtime disagrees with PyTorch (simulated)")
+
+    monkeypatch.setattr(export, "export_run", fail)
+    cfg = tiny_train_cfg(tmp_path, methods="replay,finetune", export=True)
+    with pytest.raises(SystemExit, match="export failed for replay, finetune"):
+        T.train(cfg)
+    assert tried == ["replay", "finetune"]
+    res = json.load(open(os.path.join(cfg.out, "results.json")))
+    assert [r["method"] for r in res] == ["replay", "finetune"]
+    assert os.path.exists(os.path.join(cfg.out, "replay", "model.pt"))
+
+
+def test_resume_refuses_other_data_or_other_backbone_weights(tmp_path):
+    """run_identity records hashes of the data and of the frozen towers; a checkpoint written before
+    they were recorded is trusted."""
+    import checkpoints as C
+    import train as T
+    cfg = tiny_train_cfg(tmp_path, phases=3, synth=D.SynthConfig(n_classes=6, train_per_class=8, test_per_class=4))
+    T.train(cfg)
+    with pytest.raises(SystemExit, match="another data"):
+        T.train(replace(cfg, resume=True, synth=replace(cfg.synth, seed=cfg.synth.seed + 1)))
+    with pytest.raises(SystemExit, match="another backbone"):
+        T.train(replace(cfg, resume=True, pretrain=replace(cfg.pretrain, seed=cfg.pretrain.seed + 1)))
+    path = C.checkpoint_path(os.path.join(cfg.out, "replay"))
+    ck = torch.load(path, weights_only=True)
+    for k in C.LATER:
+        del ck["run"][k]
+    C.save_checkpoint(path, ck)
+    assert T.train(replace(cfg, resume=True))[0]["accuracy_matrix"] == ck["R"]   # nothing left to train

@@ -164,6 +164,8 @@ class Config:
             raise ValueError("phases, epochs and batch size must be at least 1")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout is in seconds and must be positive, got {self.dist_timeout}")
+        if self.vit_file and not self.vit:
+            raise ValueError("vit_file (--vit-file) holds the weights of --vit NAME: give --vit too")
         if self.eval_data and not self.continue_from:
             raise ValueError("eval_data measures a continued run's old classes: it needs continue_from")
 
@@ -314,7 +316,7 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
               Memory(per_class_bytes=int(cfg.memory_per_class * unit)))
     R, counts, secs, mem_stats, start = [], [], [], [], 0
     ck_path = checkpoint_path(cfg.out)   # cfg.out: this method's own folder
-    run = run_identity(cfg, method, data, mcfg)
+    run = run_identity(cfg, method, data, mcfg, backbone)
     ck = (load_checkpoint(ck_path, run, {k: getattr(Config(), k) for k in RUN_KEYS})
           if cfg.resume and os.path.exists(ck_path) else start_from)
     if ck is not None:
@@ -340,8 +342,10 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
             if memory is not None:
                 gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
                 # under torchrun: chosen and masked once, by the first process; every process stores them
+                # a fixed total budget shrinks each class's share as classes come: fill for the last phase's
+                last = memory.quota(sum(map(len, phase_cls))) if memory.total_bytes else None
                 cands, shown = (candidates(model, data, phase_cls[t], method, cfg, gen,
-                                           memory.quota(len(memory.classes) + len(phase_cls[t])))
+                                           memory.quota(len(memory.classes) + len(phase_cls[t])), last)
                                 if ranks.is_main() else (None, []))
                 memory.add(ranks.broadcast(cands))
                 if cfg.balanced_head and len(memory):   # every process alike: the same memory, features and seed
@@ -433,8 +437,10 @@ def train_phase(cfg: Config, model: M.TwoTower, data: dict, classes: list[int], 
         n_masked = n_whole * (cfg.mask_new if masked_new is not None else 0)
         if n_mem:
             kept = torch.tensor([len(memory.classes.get(c, ())) for c in range(model.n_classes)], dtype=torch.float)
+            # batch replay: the replayed half of each step's loss weighs as much as the new half, so
+            # the exemplars together count as the new rows and their masked views do
             n_masked = n_masked + (kept * cfg.replay_passes if cfg.replay == "epoch" else
-                                   kept * (per_epoch * cfg.batch_size / n_mem))
+                                   kept * (float(n_whole.sum() + n_masked.sum()) / n_mem))
         if cfg.adjust_views and method in MASKING and n_mem:   # each view its own prior (exemplars are masked)
             adjust = to_device(logit_prior(n_whole, cfg.logit_adjust), device)
             adjust_masked = to_device(logit_prior(n_masked, cfg.logit_adjust), device)
@@ -507,13 +513,10 @@ def train(cfg: Config = Config()) -> list[dict]:
         raise SystemExit("error: --consistency runs in one process; leave it out under torchrun")
     cfg = replace(cfg, quiet=cfg.quiet or not ranks.is_main())
     con = console(cfg)
-    name = os.path.splitext(os.path.basename(cfg.data))[0] if cfg.data else "default"
-    cfg = replace(cfg, out=cfg.out or os.path.join("runs", name))
+    cfg = replace(cfg, out=cfg.out or os.path.join("runs", data_name(cfg.data)))
     if cfg.continue_from:   # new classes after a finished run: its own file
         import extend
         return extend.continue_run(cfg, con)
-    if ranks.is_main():
-        os.makedirs(cfg.out, exist_ok=True)
     # every problem with the data or the phase split, in one line, before any long work
     seeds = [int(x) for x in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     if cfg.data:
@@ -524,7 +527,10 @@ def train(cfg: Config = Config()) -> list[dict]:
     with ranks.main_first():   # under torchrun the first process fills the caches, the others read them
         mcfg, state, tok = backbone(cfg, cfg.device, con)
         raw = read_data(cfg, mcfg.vit.image_size)
-    results = []
+    check_methods(cfg, mcfg, raw, con)
+    if ranks.is_main():   # only now: a run refused above leaves no empty folder behind
+        os.makedirs(cfg.out, exist_ok=True)
+    results, failed = [], []
     for seed in seeds:
         scfg = replace(cfg, seed=seed)
         data = prepare(raw, scfg, mcfg, tok)     # the class order follows the seed
@@ -536,16 +542,32 @@ def train(cfg: Config = Config()) -> list[dict]:
             results.append(res)
             if not ranks.is_main():
                 continue
-            save_model(os.path.join(cfg.out, name), model, data["class_names"], tok)
-            if cfg.export:
-                import export  # lazily: training alone never loads onnx
-                export.export_run(os.path.join(cfg.out, name), log=con.print)
+            folder = os.path.join(cfg.out, name)
+            save_model(folder, model, data["class_names"], tok)
             D.write_json(os.path.join(cfg.out, "results.json"), results if len(results) > 1 else results[0])
+            if cfg.export:   # a failed export loses no training: say so, and go on with the next method
+                import export  # lazily: training alone never loads onnx
+                try:
+                    export.export_run(folder, log=con.print)
+                except SystemExit as e:
+                    con.print(f"{e}\n  the trained model is kept in {folder}; `python export.py {folder}` exports it again")
+                    failed.append(name)
     show(results, con)
     if ranks.is_main():
         draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
     ranks.barrier()   # the files are written before any process returns
+    if failed:
+        raise SystemExit(f"error: the ONNX export failed for {', '.join(failed)} (see above); every result is written")
     return results
+
+
+def data_name(path: str) -> str:
+    """The default run folder's name for a manifest: its file name, or its folder's where the file has
+    the name every data.py recipe writes (manifest.csv), so that two data sets never share runs/manifest."""
+    if not path:
+        return "default"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) or stem if stem == "manifest" else stem
 
 
 def check_phases(cfg: Config, seeds: list[int], names: list[str], labels: torch.Tensor | None = None,
@@ -563,8 +585,36 @@ def check_phases(cfg: Config, seeds: list[int], names: list[str], labels: torch.
         raise SystemExit(f"error: {e}") from None
 
 
+# ablations that change nothing where the caption is kept whole (--keep-text 1, the default)
+SAME_AT_WHOLE_TEXT = {"image-mask": "exmask itself", "no-context": "exmask itself",
+                      "text-mask": "replay's exemplars (every patch and word kept)"}
+
+
+def check_methods(cfg: Config, mcfg: M.ModelConfig, raw: dict, con) -> None:
+    """What the methods and options need of the towers and the data, checked before the first phase
+    (one error line), and a note for each ablation that the settings leave equal to another method."""
+    S = mcfg.vit.image_size
+    if cfg.lowres and S % cfg.lowres:
+        raise SystemExit(f"error: --lowres {cfg.lowres} must divide the image side ({S} px)")
+    if "oracle-mask" in cfg.method_list and "objects" not in raw:
+        raise SystemExit("error: oracle-mask needs object masks: a manifest `mask` column (data.py icons writes one)")
+    for m in cfg.method_list:
+        if m in SAME_AT_WHOLE_TEXT and cfg.keep_text >= 1:
+            con.print(f"note: with --keep-text 1 (captions kept whole) {m} stores {SAME_AT_WHOLE_TEXT[m]}; "
+                      "give --keep-text below 1 for it to ablate the text mask")
+
+
+class HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows each option's default (not an empty one,
+    None or a switch's False: their help says what leaving them out means)."""
+
+    def _get_help_string(self, action):
+        quiet = action.default is None or action.default == "" or action.nargs == 0   # nargs 0: a switch
+        return action.help if quiet else super()._get_help_string(action)
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormat)
     c = Config()
     p.add_argument("--data", default=c.data, help="manifest CSV/JSONL (fields image,text,label[,split]); default: embedded")
     p.add_argument("--methods", "--method", dest="methods", default=c.methods, help=f"comma-separated: {', '.join(METHODS)}")
@@ -578,15 +628,18 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=c.epochs)
     p.add_argument("--batch-size", type=int, default=c.batch_size)
     p.add_argument("--lr", type=float, default=c.lr)
-    p.add_argument("--device", default=c.device, choices=["", "cpu", "cuda"])
-    p.add_argument("--out", default=c.out, help="output folder (default runs/<data name>)")
+    p.add_argument("--device", default=c.device, choices=["", "cpu", "cuda"], metavar="cpu|cuda",
+                   help="where to train ('' = cuda when a GPU is visible, else cpu)")
+    p.add_argument("--out", default=c.out, help="output folder (default runs/<manifest name>, or runs/<its folder> for a "
+                        "manifest.csv; runs/default for the embedded data)")
     p.add_argument("--resume", action="store_true", help="continue each method from its last finished phase")
     p.add_argument("--adapter", default=c.model.adapter, choices=["ssf", "prompt", "none"])
-    p.add_argument("--modalities", default=c.model.modalities, choices=["image,text", "image", "text"])
+    p.add_argument("--modalities", default=c.model.modalities, choices=["image,text", "image", "text"],
+                   metavar="image,text|image|text", help="the towers the classifier uses")
     p.add_argument("--no-export", action="store_true", help="do not write model.onnx at the end")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the towers (models.compile_towers); on CUDA inductor failed on the SSF step "
-                        "with torch 2.11 (see the README)")
+                   help="torch.compile the towers (models.compile_towers: dynamic shapes, models.COMPILE_OPTIONS), on "
+                        "the CPU or CUDA (see the README's speed results)")
     p.add_argument("--vit", default=c.vit, help="timm ViT name whose pretrained weights replace the default image tower")
     p.add_argument("--vit-file", default=c.vit_file, help="local weights file for --vit")
     p.add_argument("--text-model", default=c.text_model, help="BERT-family folder (config.json, model.safetensors, vocab.txt)")
@@ -649,8 +702,9 @@ def main(argv=None) -> None:
                      smooth_image=a.smooth_image, image_mask=a.image_mask, herding=a.herding, fill=a.fill, mask_candidates=a.mask_candidates, val=a.val,
                      recombine=a.recombine, token_mixup=a.token_mixup, mask_new=a.mask_new, mask_new_rule=a.mask_new_rule, consistency=a.consistency, logit_adjust=a.logit_adjust, adjust_views=bool(a.adjust_views), replay=a.replay, replay_passes=a.replay_passes, balanced_head=a.balanced_head,
                      dist_timeout=a.dist_timeout)
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:   # a bad value: one line, exit 2 as argparse's own errors
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         train(cfg)
         ranks.teardown()
