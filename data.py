@@ -166,15 +166,23 @@ def make_synth(cfg: SynthConfig = SynthConfig()) -> dict:
 
 def decode_image(path: str, size: int) -> np.ndarray:
     """One image file -> (3, size, size) uint8 array: the one preprocessing for training, the image
-    cache and serving. A missing or unreadable file is a one-line `error:` naming it."""
-    from PIL import Image
+    cache and serving (DECODER names it in the cache key). A photo is turned upright by its EXIF
+    orientation; 16-bit and float grey images are scaled to 8 bits (PIL's convert would clip them to
+    white); an alpha channel is dropped. A missing or unreadable file, or one too large to decode
+    safely, is a one-line `error:` naming it."""
+    from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # more than 8 bits a pixel: scale, not clip
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
             return np.asarray(im).transpose(2, 0, 1).copy()                   # (3, S, S)
     except FileNotFoundError:
         raise SystemExit(f"error: image not found: {path}") from None
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
 
 
@@ -231,31 +239,46 @@ def read_rows(path: str, required: tuple = ("image", "text", "label")) -> list[d
         raise SystemExit(f"error: manifest not found: {path}")
     with open(path, "rb") as f:
         raw = _decode_text(f.read(), path)
-    jsonl = path.endswith((".jsonl", ".json"))
+    jsonl = is_jsonl(path)
+    lines = []                                      # each row's line in the file
     try:
         if jsonl:
             rows = []
             for n, line in enumerate(raw.splitlines(), 1):
                 if line.strip():
-                    rows.append(json.loads(line))
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SystemExit(f"error: cannot parse manifest {path} line {n}: {e.msg} (column {e.colno})") from None
                     if not isinstance(rows[-1], dict):
                         raise SystemExit(f"error: manifest {path} line {n}: expected a JSON object, got {line[:40]!r}")
+                    lines.append(n)
         else:
-            rows = list(csv.DictReader(io.StringIO(raw)))
-    except (json.JSONDecodeError, csv.Error) as e:
+            reader = csv.DictReader(io.StringIO(raw))
+            if reader.fieldnames:                   # "image, text, label" (spaces after the commas) is fine
+                reader.fieldnames = [f.strip() for f in reader.fieldnames]
+            rows = list(reader)
+            lines = list(range(2, len(rows) + 2))   # a CSV's header is line 1 (quoted line breaks aside)
+    except csv.Error as e:
         raise SystemExit(f"error: cannot parse manifest {path}: {e}") from None
     if not rows:
         raise SystemExit(f"error: manifest is empty: {path}")
     missing = set(required) - set(rows[0])
     if missing:
         raise SystemExit(f"error: manifest {path} lacks field(s) {sorted(missing)}")
-    first = 1 if jsonl else 2                       # the row's line in the file (a CSV's header is line 1)
-    for n, r in enumerate(rows, first):
+    for n, r in zip(lines, rows):
         for k in ("image", "label"):
             if k in required and (r.get(k) is None or not str(r[k]).strip()):
                 raise SystemExit(f"error: manifest {path} line {n}: empty field {k!r}")
+        if r.get("label") is not None:
+            r["label"] = str(r["label"]).strip()   # " cat" and "cat" are one class
     root = os.path.dirname(os.path.abspath(path))
     return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r.get("text") or "")) for r in rows]
+
+
+def is_jsonl(path: str) -> bool:
+    """A JSONL manifest (one JSON object a line), by its extension in any case; else a CSV."""
+    return path.lower().endswith((".jsonl", ".json"))
 
 
 SPLITS = {"train": False, "test": True}   # a manifest's split values (any case) -> is_test
@@ -268,7 +291,7 @@ def manifest_split(rows: list[dict], path: str) -> torch.Tensor | None:
     given = [str(r.get("split") or "").strip().lower() for r in rows]
     if not any(given):
         return None
-    first = 1 if path.endswith((".jsonl", ".json")) else 2
+    first = 1 if is_jsonl(path) else 2
     bad = [(n, v) for n, v in enumerate(given, first) if v not in SPLITS]
     if bad:
         lines = ", ".join(str(n) for n, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -293,10 +316,11 @@ def load_mask(path: str, size: int) -> torch.Tensor:
 # A manifest's images are decoded once, in parallel, into one uint8 file (N, 3, S, S) that is
 # memory-mapped and read by batch, so a manifest larger than RAM trains. Beside it a small JSON index
 # holds the format version, the key, the shape and each row's crc32. The key covers the manifest's
-# bytes, the image size and every image file's path, size and mtime: an edited image makes the cache
-# stale. The file is named by the manifest's location and the image size, so a stale cache is
-# replaced, not left beside the new one.
-CACHE_VERSION = 1
+# bytes, the image size, the decoder and every image file's path, size, mtime and ctime (a copy that
+# restores mtime still changes ctime): an edited image makes the cache stale. The file is named by
+# the manifest's location and the image size, so a stale cache is replaced, not left beside the new one.
+CACHE_VERSION = 2
+DECODER = "exif upright, 16-bit scaled, RGB, bicubic"   # what decode_image does: a change makes caches stale
 CHECK_ROWS = 64            # rows whose checksum is verified each time a cache is opened (all of a small one)
 
 
@@ -311,9 +335,11 @@ def cores() -> int:
 
 
 def cache_key(manifest: str, paths: list[str], size: int) -> str:
-    """A fingerprint of what the cache holds: the manifest's bytes, the size, each image file's
-    path, size and mtime. A missing image is an `error:` here, before anything is decoded."""
-    h = hashlib.sha256(f"exmask image cache v{CACHE_VERSION}, {size} px\n".encode())
+    """A fingerprint of what the cache holds: the manifest's bytes, the size, the decoder (DECODER and
+    Pillow's version), each image file's path, size, mtime and ctime. A missing image is an `error:`
+    here, before anything is decoded."""
+    import PIL
+    h = hashlib.sha256(f"exmask image cache v{CACHE_VERSION}, {size} px, {DECODER}, Pillow {PIL.__version__}\n".encode())
     with open(manifest, "rb") as f:
         h.update(f.read())
     for p in paths:
@@ -321,7 +347,7 @@ def cache_key(manifest: str, paths: list[str], size: int) -> str:
             st = os.stat(p)
         except FileNotFoundError:
             raise SystemExit(f"error: image not found: {p}") from None
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 

@@ -13,7 +13,8 @@ TwoTower.forward (images (B, 3, S, S) float 0..255, ids (B, L) int64 -> logits (
 dynamic batch axis and a dynamic caption length L <= context, and writes one self-contained file
 (no external-data side file) beside the tokenizer and the label names. Image size, context, pad id
 and modalities go into the file's metadata, so serving needs model.onnx, the tokenizer and
-labels.json only, never the training code.
+labels.json, and of this repository only data.py and text_tokens.py (images and captions are prepared
+as in training), never train.py.
 
 The graph is for ONNX Runtime: each attention is its fused contrib op com.microsoft.MultiHeadAttention
 (CPU and CUDA kernels; the caption pad mask is its key_padding_mask, a causal text tower's mask, as
@@ -393,15 +394,23 @@ class Predictor:
         path = os.path.join(folder, ONNX_NAME)
         if not os.path.exists(path):
             raise SystemExit(f"error: no {ONNX_NAME} in {folder} (run: python export.py {folder})")
-        self.session = session(path, providers, threads)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.image_size, self.context = int(meta["exmask.image_size"]), int(meta["exmask.context"])
-        self.pad_id, self.modalities = int(meta["exmask.pad_id"]), meta["exmask.modalities"]
+        try:   # a truncated copy, or another program's ONNX file: one line, how to write it again
+            self.session = session(path, providers, threads)
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.image_size, self.context = int(meta["exmask.image_size"]), int(meta["exmask.context"])
+            self.pad_id, self.modalities = int(meta["exmask.pad_id"]), meta["exmask.modalities"]
+        except Exception as e:
+            what = f"no {e} in its metadata" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0][:200]
+            raise SystemExit(f"error: cannot serve {path} ({type(e).__name__}: {what}); write it again with "
+                             f"python export.py {folder}") from None
         labels = os.path.join(folder, "labels.json")
         if not os.path.exists(labels):
             raise SystemExit(f"error: no labels.json in {folder} (run: python export.py {folder})")
-        with open(labels) as f:
-            self.labels = json.load(f)
+        try:
+            with open(labels) as f:
+                self.labels = json.load(f)
+        except ValueError as e:
+            raise SystemExit(f"error: cannot read {labels}: {e}") from None
         self.tok = D.load_tokenizer(folder)
         self.providers = self.session.get_providers()
 
@@ -455,8 +464,8 @@ def main(argv=None) -> None:
     p.add_argument("--cpu", action="store_true", help="use the CPU provider even when a GPU is present")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT's default)")
     a = p.parse_args(argv)
-    if a.top_k < 1:
-        raise SystemExit("error: --top-k must be at least 1")
+    if a.top_k < 1 or a.batch_size < 1:
+        raise SystemExit("error: --top-k and --batch-size must be at least 1")
     if a.check and not a.manifest:
         raise SystemExit("error: --check needs --manifest")
     if a.predict and a.manifest:

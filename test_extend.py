@@ -211,3 +211,25 @@ def test_the_cli_error_is_one_line_and_exit_2(runs):
     p = subprocess.run([sys.executable, "train.py", "--continue", str(tmp / "a"), "--data", m["A"], "--out",
                         str(tmp / "y")], capture_output=True, text=True, cwd=HERE, check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "already knows" in p.stderr
+
+
+def test_restating_the_runs_own_tower_setting_is_fine_and_a_failed_export_keeps_the_results(runs, monkeypatch):
+    """A model config given with one field that differs from the default but is the run's own (here
+    the tiny towers' patch size) is compared on that field alone; a failed ONNX export of the
+    continued run still leaves its results.json, picture and model, and ends in one error line."""
+    import export
+    import train as T
+    tmp, m = runs["tmp"], runs["m"]
+    default = T.Config().model
+    mine = replace(default, vit=replace(default.vit, patch_size=runs["base"].model.vit.patch_size))
+
+    def fail(folder, log=None, **k):
+        raise SystemExit("error: ONNX Runtime disagrees with PyTorch (simulated)")
+
+    monkeypatch.setattr(export, "export_run", fail)
+    msg = error_of(T.train, T.Config(continue_from=str(tmp / "a"), data=m["B"], out=str(tmp / "e"), model=mine,
+                                     cache_dir=str(tmp / "cache"), quiet=True))
+    assert "export failed for exmask" in msg
+    r = read_json(tmp / "e" / "results.json")
+    assert r["phases"] == 2 and r["accuracy_matrix"][1][1] is not None     # the new classes were measured
+    assert os.path.exists(tmp / "e" / "accuracy.png") and os.path.exists(tmp / "e" / "exmask" / "model.pt")

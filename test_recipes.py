@@ -287,3 +287,17 @@ def test_the_budget_plan_uses_train_py_s_default_share(monkeypatch):
     monkeypatch.setattr(R, "show_budget", lambda plan: None)
     R.main(["budget"])
     assert got == [T.Config().keep_image]
+
+
+def test_imagenet_r_keeps_a_training_row_and_reads_backslash_caption_paths(tmp_path):
+    """Two images a class at --test-share 0.8 (round(1.6) would be 2): one stays for training, so the
+    manifest is valid; a captions file written on Windows (.\\wnid\\file.jpg) is read, not skipped."""
+    imagenet_r_tree(tmp_path / "in", per_class=2)
+    caps = tmp_path / "caps.csv"
+    caps.write_text("image,caption\n.\\n01443537\\sketch_1.jpg,a sketched fish\n", encoding="utf-8")
+    rows = rows_of(R.build_imagenet_r(str(tmp_path / "in"), str(tmp_path / "out"), captions=str(caps),
+                                      test_share=0.8, **QUIET))
+    for name in WNIDS.values():
+        splits = [r["split"] for r in rows if r["label"] == name]
+        assert "train" in splits and ("test" in splits or len(splits) == 1)
+    assert {r["image"].split("imagenet-r/")[1]: r["text"] for r in rows}["n01443537/sketch_1.jpg"] == "a sketched fish"

@@ -51,6 +51,14 @@ class SPTokenizer:
         return [self.bos_id] + self.sp.encode(text) + [self.eos_id]
 
 
+# BERT's basic tokenizer: ASCII symbols it splits off as punctuation (beside Unicode's P* categories),
+# the CJK ideograph blocks it splits into single characters, and the longest word WordPiece splits
+ASCII_SYMBOLS = ((33, 47), (58, 64), (91, 96), (123, 126))
+CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+       (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+MAX_WORD = 100
+
+
 class WordPieceTokenizer:
     """BERT's WordPiece from a vocab.txt (lower-casing, greedy longest match): [CLS] pieces [SEP]."""
 
@@ -68,14 +76,18 @@ class WordPieceTokenizer:
             g.write(f.read())
 
     def _words(self, text: str) -> list[str]:
+        """BERT's basic tokenizer (lower case): control characters, NUL and U+FFFD dropped, accents
+        stripped, split at whitespace, and every punctuation mark (Unicode P*, and ASCII's symbols
+        such as < = > ^ ` | ~) and every CJK ideograph a word of its own."""
         import unicodedata
         out, cur = [], ""
         for ch in unicodedata.normalize("NFD", text.lower()):
-            if unicodedata.category(ch) == "Mn":
+            cp, cat = ord(ch), unicodedata.category(ch)
+            if cp in (0, 0xFFFD) or cat == "Mn" or (cat.startswith("C") and ch not in "\t\n\r"):
                 continue
-            if ch.isspace():
+            if ch in " \t\n\r" or cat == "Zs":
                 out, cur = out + [cur] * bool(cur), ""
-            elif unicodedata.category(ch).startswith("P") or (33 <= ord(ch) <= 47):
+            elif cat.startswith("P") or any(a <= cp <= b for a, b in ASCII_SYMBOLS + CJK):
                 out, cur = out + [cur] * bool(cur) + [ch], ""
             else:
                 cur += ch
@@ -84,6 +96,9 @@ class WordPieceTokenizer:
     def encode(self, text: str) -> list[int]:
         ids = [self.bos_id]
         for w in self._words(text):
+            if len(w) > MAX_WORD:                     # BERT's bound: a longer word is unknown as a whole
+                ids.append(self.unk_id)
+                continue
             start, pieces = 0, []
             while start < len(w):
                 end = len(w)
@@ -118,10 +133,13 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 class ClipTokenizer:
     """CLIP's byte-level BPE (OpenAI CLIP, open_clip, Hugging Face CLIPTokenizer): the text cleaned
     as OpenAI's tokenizer cleans it (HTML entities unescaped, which Hugging Face's does not; NFC, one
-    space for any whitespace, lower case; not ftfy's repair of mis-decoded text), split into words,
+    space for any whitespace, lower case), split into words,
     each word's UTF-8 bytes merged by rank with "</w>" marking its end. encode() -> <|startoftext|> pieces
     <|endoftext|>; pad_id is one past the vocabulary (a token of its own, never a real one: the
-    text tower's embedding gets a row for it)."""
+    text tower's embedding gets a row for it). OpenAI's and open_clip's tokenizers also run ftfy's
+    fix_text first, which this one does not (no extra package): captions with curly quotes, Latin
+    ligatures (fi), full-width characters, control characters or mis-decoded UTF-8 get other tokens
+    than theirs; plain text gets the same (tests compare both)."""
 
     def __init__(self, vocab: dict[str, int], merges: list[str]):
         self.vocab, self.merges = vocab, merges
@@ -269,7 +287,13 @@ def load_tokenizer(path: str):
                 return load_tokenizer(os.path.join(path, name))
         raise SystemExit(f"error: no tokenizer ({', '.join(TOKENIZER_FILES)}) in {path}")
     kind = TOKENIZER_FILES.get(os.path.basename(path), WordPieceTokenizer if path.endswith(".txt") else SPTokenizer)
-    return kind(path) if kind is WordPieceTokenizer else kind.load(path)
+    try:
+        return kind(path) if kind is WordPieceTokenizer else kind.load(path)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no tokenizer file {path}") from None
+    except Exception as e:   # truncated or foreign (sentencepiece's own error runs to a page): one line
+        raise SystemExit(f"error: cannot read tokenizer {path}: {type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]}") from None
 
 
 def tokenizer_filename(tok) -> str:

@@ -148,9 +148,12 @@ def timm_tower(name: str, file: str = "") -> tuple[M.ViTConfig, dict]:
         ref = timm.create_model(name, pretrained=True, num_classes=0, **kw)
     except Exception as e:  # no network, unknown name, bad file: say which
         raise SystemExit(f"error: cannot load timm model {name!r}: {(str(e) or type(e).__name__).splitlines()[0]}") from None
-    vcfg = M.vit_config_from_timm(ref)
-    tower = M.ViT(vcfg)
-    M.load_timm_vit(tower, ref.state_dict())
+    try:   # a timm ViT this tower cannot hold (another pool, activation or block layout): say which
+        vcfg = M.vit_config_from_timm(ref)
+        tower = M.ViT(vcfg)
+        M.load_timm_vit(tower, ref.state_dict())
+    except (ValueError, AttributeError) as e:
+        raise SystemExit(f"error: cannot use timm model {name!r}: {(str(e) or type(e).__name__).splitlines()[0][:300]}") from None
     return vcfg, tower.state_dict()
 
 
@@ -159,7 +162,11 @@ def bert_tower(path: str, context: int) -> tuple[M.TextConfig, dict, D.WordPiece
     for f in ("config.json", "model.safetensors", "vocab.txt"):
         if not os.path.exists(os.path.join(path, f)):
             raise SystemExit(f"error: {path} has no {f} (a BERT-family checkpoint folder is expected)")
-    tcfg, state = M.load_bert(path)
+    try:   # another architecture's names (e.g. RoBERTa's), a tensor type safetensors reading lacks: say which
+        tcfg, state = M.load_bert(path)
+    except (KeyError, ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot load --text-model {path} as a BERT-family checkpoint: "
+                         f"{type(e).__name__}: {(str(e) or '').splitlines()[0][:300] if str(e) else ''}") from None
     context = min(context, tcfg.context)          # captions are short: keep the first positions only
     state["pos_embed"] = state["pos_embed"][:, :context]
     return replace(tcfg, context=context), state, D.WordPieceTokenizer(os.path.join(path, "vocab.txt"))
@@ -198,7 +205,7 @@ def clip_tower(path: str) -> tuple[M.ViTConfig, M.TextConfig, dict, object]:
                 pre = c.get("preprocess_cfg", {})
                 kw |= {k: tuple(pre[k]) for k in ("mean", "std") if k in pre}
             vcfg, tcfg, state, _ = M.load_clip_openai(file, **kw)
-    except (ValueError, OSError, RuntimeError) as e:   # a foreign or damaged checkpoint: say which, in one line
+    except (ValueError, OSError, RuntimeError, KeyError) as e:   # a foreign or damaged checkpoint: say which, in one line
         raise SystemExit(f"error: cannot load --clip {path}: {(str(e) or type(e).__name__).splitlines()[0][:300]}") from None
     if tcfg.pool == "last":   # SigLIP
         if not os.path.exists(os.path.join(folder, "spiece.model")):

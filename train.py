@@ -545,13 +545,8 @@ def train(cfg: Config = Config()) -> list[dict]:
             folder = os.path.join(cfg.out, name)
             save_model(folder, model, data["class_names"], tok)
             D.write_json(os.path.join(cfg.out, "results.json"), results if len(results) > 1 else results[0])
-            if cfg.export:   # a failed export loses no training: say so, and go on with the next method
-                import export  # lazily: training alone never loads onnx
-                try:
-                    export.export_run(folder, log=con.print)
-                except SystemExit as e:
-                    con.print(f"{e}\n  the trained model is kept in {folder}; `python export.py {folder}` exports it again")
-                    failed.append(name)
+            if cfg.export and not exported(folder, con):   # a failed export loses no training: go on
+                failed.append(name)
     show(results, con)
     if ranks.is_main():
         draw_accuracy(os.path.join(cfg.out, "accuracy.png"), results)
@@ -559,6 +554,18 @@ def train(cfg: Config = Config()) -> list[dict]:
     if failed:
         raise SystemExit(f"error: the ONNX export failed for {', '.join(failed)} (see above); every result is written")
     return results
+
+
+def exported(folder: str, con) -> bool:
+    """export.export_run on a saved method folder; where it fails, its error line and that the trained
+    model is kept (the caller writes every result first, and ends the run with an error after)."""
+    import export  # lazily: training alone never loads onnx
+    try:
+        export.export_run(folder, log=con.print)
+        return True
+    except SystemExit as e:
+        con.print(f"{e}\n  the trained model is kept in {folder}; `python export.py {folder}` exports it again")
+        return False
 
 
 def data_name(path: str) -> str:

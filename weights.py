@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
@@ -29,29 +30,48 @@ def load_timm_vit(vit: ViT, state: dict) -> None:
     vit.load_state_dict(src, strict=False)
 
 
+def timm_activation(act) -> str:
+    """Our name (models.ACTIVATIONS) for a timm ViT's MLP activation module; ValueError for another."""
+    kind, approx = type(act).__name__, getattr(act, "approximate", "none")
+    names = {("GELU", "none"): "gelu", ("GELU", "tanh"): "gelu_tanh", ("GELUTanh", "none"): "gelu_tanh",
+             ("QuickGELU", "none"): "quick_gelu"}
+    if (kind, approx) not in names:
+        raise ValueError(f"the MLP activation {kind} is not supported (GELU, its tanh form, quick-GELU are)")
+    return names[kind, approx]
+
+
 def vit_config_from_timm(model) -> ViTConfig:
-    """A ViTConfig describing a timm VisionTransformer instance (no projection: embed_dim=0)."""
+    """A ViTConfig describing a timm VisionTransformer instance (no projection: embed_dim=0): pooled at
+    its class token or by its attention pool, as timm's global_pool "token" and "map"; another pool
+    (e.g. "avg", with its fc_norm) is a ValueError, as is an activation models.ACTIVATIONS lacks."""
     from models import ViTConfig   # here, not at the top: models.py imports this module
     pc = getattr(model, "pretrained_cfg", {}) or {}
+    pool = getattr(model, "global_pool", "token")
+    if pool not in ("token", "map") or not isinstance(getattr(model, "fc_norm", None), (nn.Identity, type(None))):
+        raise ValueError(f"global_pool {pool!r}: only a class token ('token') or an attention pool ('map') is supported")
     return ViTConfig(image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
                      dim=model.embed_dim, depth=len(model.blocks), heads=model.blocks[0].attn.num_heads,
                      mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim,
-                     pool="map" if getattr(model, "attn_pool", None) is not None else "cls",
+                     pool="map" if pool == "map" else "cls", act=timm_activation(model.blocks[0].mlp.act),
                      embed_dim=0, ln_eps=model.norm.eps,
                      mean=tuple(pc.get("mean", (0.5,) * 3)), std=tuple(pc.get("std", (0.5,) * 3)))
 
 
 def read_safetensors(path: str) -> dict:
     """Read a .safetensors file with the standard library and torch (no extra package)."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-        data = bytearray(f.read())
+        data = memoryview(bytearray(f.read()))   # tensors are views of it: one copy of the file in memory
     out = {}
     for k, meta in header.items():
         if k == "__metadata__":
             continue
+        if meta["dtype"] not in dtypes:
+            raise ValueError(f"{path}: tensor {k} has dtype {meta['dtype']}, which this reader does not know")
         a, b = meta["data_offsets"]
         t = torch.frombuffer(data[a:b], dtype=dtypes[meta["dtype"]]) if b > a else torch.empty(0)
         out[k] = t.reshape(meta["shape"]).float()
@@ -268,7 +288,9 @@ def load_clip_openai(path: str, quick_gelu: bool = True, model_cfg: dict | None 
     vc, tc = mc.get("vision_cfg", {}), mc.get("text_cfg", {})
     if tc.get("pool_type", "argmax") != "argmax" or not isinstance(vc.get("layers", 1), int):
         raise ValueError(f"{path}: only open_clip's plain ViT CLIP (end-of-text pooling) is supported")
-    act = "quick_gelu" if mc.get("quick_gelu", quick_gelu) else "gelu"
+    # open_clip's configs name quick-GELU only where a model uses it (its CLIP class defaults to GELU):
+    # with a config, a missing key means GELU; without one, the caller's quick_gelu (OpenAI's models)
+    act = "quick_gelu" if (mc.get("quick_gelu", False) if model_cfg is not None else quick_gelu) else "gelu"
     sd = read_weights(path)
     for k in ("input_resolution", "context_length", "vocab_size"):  # scalars in OpenAI's TorchScript files
         sd.pop(k, None)
