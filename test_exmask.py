@@ -1,5 +1,6 @@
 """Tests: CPU only, tiny seeded configs, one property each. Run: python -m pytest -q"""
 import json
+import math
 import os
 from dataclasses import replace
 
@@ -51,12 +52,18 @@ def tiny_train_cfg(tmp_path, **kw):
 # ----------------------------------------------------------------------------- models
 
 def test_vit_matches_timm_on_same_weights():
+    """Our ViT with a timm ViT's weights gives its output: class-token and attention pooling, exact
+    and tanh GELU (as SigLIP ViTs use); a pool our tower lacks (average, with fc_norm) is refused."""
     from timm.models.vision_transformer import VisionTransformer
-    for pool in ("cls", "map"):
-        kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-        ref = VisionTransformer(global_pool="map", class_token=False, **kw) if pool == "map" else VisionTransformer(**kw)
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    with pytest.raises(ValueError, match="global_pool 'avg'"):
+        M.vit_config_from_timm(VisionTransformer(global_pool="avg", **kw))
+    for pool, act in (("cls", "gelu"), ("map", "gelu"), ("cls", "gelu_tanh")):
+        ref = (VisionTransformer(global_pool="map", class_token=False, **kw) if pool == "map" else
+               VisionTransformer(act_layer=act, **kw))
         ref.eval()
         cfg = M.vit_config_from_timm(ref)
+        assert cfg.act == act
         ours = M.ViT(cfg)
         M.load_timm_vit(ours, ref.state_dict())
         x = torch.rand(2, 3, 16, 16) * 255
@@ -136,7 +143,18 @@ def test_aux_returns_one_attention_row_and_token_features():
     _, (img_aux, txt_aux) = m.features(patches, idx, ids, aux=True)
     row, tok = img_aux
     assert row.shape == (3, cfg.vit.n_patches) and tok.shape == (3, cfg.vit.n_patches, cfg.vit.embed_dim)
-    torch.testing.assert_close(row.sum(1), torch.full((3,), row.sum(1)[0].item()), atol=0.2, rtol=0)
+    # the row is the last block's pooling (class) query over the patches, mean over heads: recompute it
+    seen = []
+    hook = m.image.blocks[-1].attn.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        m.features(patches, idx, ids, aux=True)
+    hook.remove()
+    attn, xn = m.image.blocks[-1].attn, seen[0]                                 # (B, 1 + N, D) normed
+    B, T, D = xn.shape
+    q, k, _ = attn.qkv(xn).view(B, T, 3, attn.heads, D // attn.heads).unbind(2)  # (B, T, H, Dh)
+    a = torch.einsum("bhd,bthd->bht", q[:, 0], k) / math.sqrt(D // attn.heads)
+    torch.testing.assert_close(row, a.softmax(-1).mean(1)[:, 1:], atol=1e-5, rtol=1e-4)
+    assert (row > 0).all() and (row.sum(1) < 1).all()                          # the rest is the class token's own
     trow, ttok = txt_aux
     assert trow.shape == ids.shape and ttok.shape == (*ids.shape, cfg.text.embed_dim)
     assert (trow[ids == cfg.text.pad_id] == 0).all()

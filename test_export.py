@@ -239,7 +239,8 @@ def test_prompt_adapter_and_single_modality_export(tmp_path, dynamo):
 
 def test_predictor_paths_and_tensors_agree(run):
     pred = E.Predictor(run["dir"])
-    assert pred.providers == ["CPUExecutionProvider"]     # no GPU in the test machine
+    assert pred.providers[-1] == "CPUExecutionProvider"                      # CUDA's first where a GPU is
+    assert ("CUDAExecutionProvider" in pred.providers) == E.gpu_present()
     rows, tmp = run["rows"], run["tmp"]
     paths = [str(tmp / r["image"]) for r in rows]
     tensors = [D.load_image(p, 32) for p in paths]
@@ -371,6 +372,21 @@ def test_subprocess_exit_codes_and_clean_stderr(run):
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()    # the error alone: the providers are said only once rows are served
     assert len(lines) == 1 and lines[0].startswith("error: image not found"), lines
+
+
+def test_serving_options_cpu_threads_and_batch_size(run, capsys, monkeypatch):
+    """--cpu keeps ORT on the CPU provider, --threads sets its intra-op threads, --batch-size how many
+    rows a call serves."""
+    pred = E.Predictor(run["dir"], providers=["CPUExecutionProvider"], threads=1)
+    assert pred.session.get_session_options().intra_op_num_threads == 1
+    made, real = [], E.Predictor
+    monkeypatch.setattr(E, "Predictor", lambda folder, providers=None, threads=0: (made.append((providers, threads)),
+                                                                                  real(folder, providers, threads))[1])
+    served, real_predict = [], real.predict
+    monkeypatch.setattr(real, "predict", lambda self, imgs, caps, k: (served.append(len(imgs)), real_predict(self, imgs, caps, k))[1])
+    E.main([run["dir"], "--manifest", str(run["tmp"] / "rows.csv"), "--cpu", "--threads", "1", "--batch-size", "2"])
+    assert made == [(["CPUExecutionProvider"], 1)] and served == [2, 2, 1]
+    assert "providers: CPUExecutionProvider" in capsys.readouterr().err
 
 
 def test_damaged_serving_files_are_one_error_line(run, tmp_path):

@@ -183,6 +183,17 @@ def test_image_keep_rules(rule):
         assert torch.equal(idx, exmask.keep_top(ia[0], 4))
     if rule == "random":
         assert torch.equal(idx, exmask.keep_top(noise[0], 4))
+    g = mcfg.vit.grid
+    if rule == "attn":   # the top of the 3 x 3 smoothed row; with --smooth-image 1 the raw row's
+        assert torch.equal(idx, exmask.keep_top(exmask.smooth_scores(ia[0], g, 3), 4))
+        raw = E.image_keep(model, x, ids, ia[0], rule, replace(cfg, smooth_image=1), noise)
+        assert torch.equal(raw, exmask.keep_top(ia[0], 4))
+    if rule == "spread":   # 4 patches of a 4 x 4 grid: one in each 2 x 2 region
+        assert all(sorted({(i // g // 2, i % g // 2) for i in r.tolist()}) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+                   for r in idx)
+    if rule == "sample":   # drawn in proportion to attention: other noise, other patches
+        other = E.draw_noise(3, N, ids.shape[1], torch.Generator().manual_seed(1))["image"]
+        assert not torch.equal(idx, E.image_keep(model, x, ids, ia[0], rule, cfg, other))
     if rule in ("class", "feature"):   # the chosen mask scores at least as well as every candidate
         def score(i):
             emb = model.image(M.gather_tokens(x, i), i)
@@ -235,11 +246,24 @@ def test_oracle_mask_needs_object_masks():
 
 def test_every_image_mask_trains_and_oracle_uses_the_synth_objects(tmp_path, monkeypatch):
     import train as T
-    cfg = tiny_train_cfg(tmp_path, methods="exmask,oracle-mask,paper-mask", image_mask="class")
+    cfg = tiny_train_cfg(tmp_path, methods="exmask,oracle-mask,paper-mask", image_mask="class", device="cpu")
     by = {r["method"]: r for r in T.train(cfg)}
     assert by["exmask"]["settings"]["image_mask"] == "class"
     kept = {r["memory"]["mean_kept_patches"] for r in by.values()}   # one share for every rule (fill_keep's)
     assert len(kept) == 1 and kept.pop() >= exmask.keep_count(16, cfg.keep_image)
+    # what each method keeps of the same rows: paper-mask the top of the raw attention row, oracle-mask
+    # the patches most on the object (the embedded data's sprites), random-mask neither
+    mcfg, data, model = tiny_model_and_data(cfg)
+    rows = data["is_train"].nonzero().flatten()[:16]
+    K = exmask.keep_count(16, cfg.keep_image)
+
+    def kept_by(method):
+        noise = E.draw_noise(len(rows), 16, data["ids"].shape[1], torch.Generator().manual_seed(0), method, cfg)
+        return E.mask_sets(model, data, rows, method, cfg, noise)["keep_idx"]
+    sig = E.signals(model, data, rows, cfg)
+    assert torch.equal(kept_by("paper-mask"), exmask.keep_top(sig["img_attn"], K))
+    on = lambda idx: float(data["objects"][rows].gather(1, idx).mean())
+    assert on(kept_by("oracle-mask")) > on(kept_by("random-mask")) + 0.2
     with pytest.raises(ValueError, match="image_mask"):
         T.Config(image_mask="magic")
     got = []
@@ -252,7 +276,7 @@ def test_every_image_mask_trains_and_oracle_uses_the_synth_objects(tmp_path, mon
 
 # ----------------------------------------------------------------------------- the context term (#11)
 
-def text_masks(shared: bool, monkeypatch) -> tuple[dict, int]:
+def text_masks(shared: bool, monkeypatch, weight: float = 10.0) -> tuple[dict, int]:
     """exmask's and no-context's text masks of a tiny model whose towers have one width (24), built
     as one jointly trained pair (shared) or as two unrelated towers; and how often the context term ran."""
     import train as T
@@ -262,7 +286,7 @@ def text_masks(shared: bool, monkeypatch) -> tuple[dict, int]:
     images, ids = tiny_batch(mcfg, B=3)
     data = {"patches": M.patchify(images, mcfg.vit.patch_size).to(torch.uint8), "ids": ids,
             "labels": torch.tensor([0, 1, 2])}
-    cfg = T.Config(keep_text=0.5, image_mask="attn", context_weight=10.0, device="cpu")
+    cfg = T.Config(keep_text=0.5, image_mask="attn", context_weight=weight, device="cpu")
     calls, real = [], exmask.context_scores
     monkeypatch.setattr(exmask, "context_scores", lambda *a: calls.append(1) or real(*a))
     rows = torch.arange(3)
@@ -282,6 +306,8 @@ def test_context_term_is_skipped_between_unrelated_towers_of_equal_width(monkeyp
 def test_context_term_runs_for_jointly_trained_towers(monkeypatch):
     keep, calls = text_masks(True, monkeypatch)
     assert calls > 0 and not torch.equal(keep["exmask"], keep["no-context"])
+    keep, calls = text_masks(True, monkeypatch, weight=0.0)            # context_weight 0: the term weighs nothing
+    assert calls > 0 and torch.equal(keep["exmask"], keep["no-context"])
 
 
 def test_loaded_towers_share_no_space_and_a_shared_space_needs_one_width(tmp_path):

@@ -161,7 +161,7 @@ def test_a_process_that_dies_ends_the_job_and_resume_finishes_it(two):
     (every process reads the checkpoint the first one wrote after phase 1) finishes the same run."""
     out = str(two["tmp"] / "died")
     p, secs = torchrun(two["tmp"], out, "exit")
-    assert p.returncode != 0 and secs < 120
+    assert p.returncode != 0 and secs < 300
     assert re.search(r"rank\s*: 1\b", p.stderr) and re.search(r"exitcode\s*: 3\b", p.stderr), p.stderr[-3000:]
     assert len(torch.load(os.path.join(out, "run", "exmask", "checkpoint.pt"), weights_only=True)["R"]) == 1
     p, _ = torchrun(two["tmp"], out, resume=True)
@@ -174,7 +174,7 @@ def test_a_process_that_hangs_ends_the_job_within_the_timeout(two):
     """Rank 1 hangs while phase 2 is measured: rank 0 gives up after --dist-timeout (10 s) with one
     error line, instead of waiting for ever; torchrun then stops rank 1."""
     p, secs = torchrun(two["tmp"], str(two["tmp"] / "hung"), "hang", dist_timeout=10)
-    assert p.returncode != 0 and secs < 120
+    assert p.returncode != 0 and secs < 300
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
     assert len(err) == 1 and "process 0 of 2" in err[0] and "stopped answering" in err[0], p.stderr[-3000:]
 

@@ -1,5 +1,6 @@
 """Tests of the fast paths (issue #9): the SSF training paths, torch.compile, bench.model_speed.
 CPU only, tiny seeded configs. Run: python -m pytest -q test_speed.py"""
+import os
 import shutil
 from dataclasses import replace
 
@@ -205,7 +206,8 @@ def has_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
-@pytest.mark.skipif(not has_compiler(), reason="torch.compile (inductor) needs a C++ compiler on the CPU")
+@pytest.mark.skipif(not has_compiler() and not os.environ.get("CI"),   # CI has one: there it must run
+                    reason="torch.compile (inductor) needs a C++ compiler on the CPU")
 def test_compiled_masked_step_equals_eager():
     """The towers compiled with dynamic shapes, as train.py --compile does (models.compile_towers):
     masked batches with different numbers of kept patches, and the full batch, give eager's logits
@@ -292,7 +294,7 @@ def test_bench_model_speed_smoke(monkeypatch, tmp_path):
     assert res["ssf_train_default"] == "function" and rows["step ours SSF"]["note"].startswith("LinearSSF")
     assert res["ssf_grad_rel_err"].keys() == {"function", "fold", "addcmul"}
     assert all(e < 1e-5 for errs in res["ssf_grad_rel_err"].values() for e in errs.values())   # fp32 on cpu
-    assert all(r["img_s"] > 0 and 0 < r["share_of_limit"] < 2 for r in rows.values())
+    assert all(r["img_s"] > 0 and r["share_of_limit"] > 0 for r in rows.values())   # a timed ratio: no upper bound
     assert rows["step ours SSF keep 25%"]["patches"] == 1 and rows["step ours SSF keep 25%"]["vs"] == "step ours SSF"
     assert res["max_abs_diff_ours_vs_timm"] < 1e-4 and res["device_name"] is None and res["matmul"]["tflops"] > 0
     for r in rows.values():   # the profile: the kinds add up to the whole, and a step does matmuls and attention

@@ -61,8 +61,13 @@ def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         T.train(replace(cfg, out=str(tmp_path / "b")))
     monkeypatch.setattr(T, "save_checkpoint", real_save)
+    crashed = torch.load(os.path.join(tmp_path, "b", "replay", "checkpoint.pt"), weights_only=True)
+    trained, real_phase = [], T.train_phase
+    monkeypatch.setattr(T, "train_phase", lambda *a, **k: (trained.append(a[-1]), real_phase(*a, **k))[1])
     got = T.train(replace(cfg, out=str(tmp_path / "b"), resume=True))[0]
     assert got["accuracy_matrix"] == want["accuracy_matrix"] and got["memory"] == want["memory"]
+    assert trained == ["[replay] phase 3/3"]                       # only the phase left: the first two resumed
+    assert got["phase_seconds"][:2] == crashed["secs"]              # their times from the checkpoint, not redone
 
 
 def test_memory_bytes_option_and_modalities(tmp_path):
@@ -142,10 +147,12 @@ def test_every_ablation_runs_over_seeds(tmp_path):
     assert by["text-mask"]["memory"]["mean_kept_tokens"] < by["image-mask"]["memory"]["mean_kept_tokens"]
     rows = summarize(results)
     assert len(rows) == n and all(r["runs"] == 2 for r in rows)
+    first, second = results[0], results[n]                 # exmask, seeds 0 and 1: another class order and draw
+    assert first["accuracy_matrix"] != second["accuracy_matrix"]
 
 
 def test_logit_prior_is_the_log_share_of_each_class():
-    from replay import logit_prior, new_loss
+    from replay import logit_prior
     counts = torch.tensor([30.0, 10.0, 0.0])                 # a class never shown counts as shown once
     assert torch.allclose(logit_prior(counts, 1.0), torch.log(torch.tensor([30.0, 10.0, 1.0]) / 41))
     assert torch.allclose(logit_prior(counts, 0.5), 0.5 * logit_prior(counts, 1.0))
@@ -382,3 +389,73 @@ def test_resume_refuses_other_data_or_other_backbone_weights(tmp_path):
         del ck["run"][k]
     C.save_checkpoint(path, ck)
     assert T.train(replace(cfg, resume=True))[0]["accuracy_matrix"] == ck["R"]   # nothing left to train
+
+
+def test_mixup_replay_swaps_within_a_class_and_mixes_tokens_in_training(tmp_path, monkeypatch):
+    """--recombine 1: every replayed exemplar takes the caption of a partner of its own class;
+    --token-mixup 1: every one is token-mixed with another (lam in [0, 1], not all 1); at 0, neither runs."""
+    import replay
+    import train as T
+    calls = {"recombine": [], "token_mixup": []}
+    real_r, real_t = replay.exmask.recombine, replay.exmask.token_mixup
+
+    def recombine(a, b, which, pad):
+        calls["recombine"].append((a["labels"].tolist(), b["labels"].tolist(), which.tolist()))
+        return real_r(a, b, which, pad)
+
+    def token_mixup(a, b, lam, pad, gen):
+        calls["token_mixup"].append(lam.tolist())
+        return real_t(a, b, lam, pad, gen)
+
+    monkeypatch.setattr(replay.exmask, "recombine", recombine)
+    monkeypatch.setattr(replay.exmask, "token_mixup", token_mixup)
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", recombine=1.0, token_mixup=1.0))
+    assert calls["recombine"] and all(a == b and all(w) for a, b, w in calls["recombine"])
+    lams = [x for lam in calls["token_mixup"] for x in lam]
+    assert lams and all(0 <= x <= 1 for x in lams) and min(lams) < 1
+    calls = {"recombine": [], "token_mixup": []}
+    T.train(tiny_train_cfg(tmp_path / "off", methods="exmask"))
+    assert calls == {"recombine": [], "token_mixup": []}
+
+
+def test_mask_new_shows_that_share_of_the_new_rows_masked(tmp_path, monkeypatch):
+    """--mask-new 0.5: about half the new rows are also shown masked, and the masked prior counts half
+    of each new class's rows."""
+    import train as T
+    shown, seen = [], []
+    real_mb, real_prior = T.masked_batch, T.logit_prior
+    monkeypatch.setattr(T, "masked_batch", lambda data, rows, *a, **k: (shown.append(len(rows)), real_mb(data, rows, *a, **k))[1])
+    monkeypatch.setattr(T, "logit_prior", lambda counts, tau: (seen.append(counts.clone()), real_prior(counts, tau))[1])
+    T.train(tiny_train_cfg(tmp_path, methods="exmask", mask_new=0.5, epochs=4, balanced_head=0))
+    assert 0.25 * 4 * 16 < sum(shown) < 0.75 * 4 * 16          # phase 2: 4 epochs of 16 new rows
+    assert seen[-1][2:].tolist() == [4.0, 4.0]                  # the masked prior: half of 8 rows a class
+
+
+def test_every_command_line_option_reaches_the_config(tmp_path, monkeypatch):
+    """main() hands every option to Config: each given a value other than its default."""
+    import train as T
+    got = []
+    monkeypatch.setattr(T, "train", got.append)
+    T.main(["--memory-bytes", "12345", "--seed", "3", "--seeds", "1,2", "--epochs", "2", "--lr", "0.003",
+            "--device", "cpu", "--no-export", "--adapter", "prompt", "--modalities", "image", "--lowres", "2",
+            "--smooth-image", "1", "--herding", "masked", "--mask-candidates", "4", "--recombine", "0.25",
+            "--token-mixup", "0.5", "--mask-new", "0.75", "--consistency", "0.1", "--logit-adjust", "0.5",
+            "--replay", "batch", "--batch-size", "7", "--first-phase", "4", "--keep-image", "0.2",
+            "--keep-text", "0.8", "--image-mask", "attn", "--fill", "copies", "--mask-new-rule", "random",
+            "--adjust-views", "0", "--balanced-head", "0", "--dist-timeout", "60", "--out", str(tmp_path / "o"),
+            "--text-model", "some/bert", "--compile", "--resume", "--val", "0.1"])
+    c = got[0]
+    assert (c.memory_bytes, c.seed, c.seeds, c.epochs, c.lr, c.device, c.export) == (12345, 3, "1,2", 2, 0.003, "cpu", False)
+    assert (c.model.adapter, c.model.modalities, c.lowres, c.smooth_image, c.herding, c.mask_candidates) == \
+        ("prompt", "image", 2, 1, "masked", 4)
+    assert (c.recombine, c.token_mixup, c.mask_new, c.consistency, c.logit_adjust, c.replay, c.batch_size) == \
+        (0.25, 0.5, 0.75, 0.1, 0.5, "batch", 7)
+    assert (c.first_phase, c.keep_image, c.keep_text, c.image_mask, c.fill, c.mask_new_rule, c.adjust_views) == \
+        (4, 0.2, 0.8, "attn", "copies", "random", False)
+    assert (c.balanced_head, c.dist_timeout, c.out, c.text_model, c.compile, c.resume, c.val) == \
+        (0, 60, str(tmp_path / "o"), "some/bert", True, True, 0.1)
+    T.main(["--memory-per-class", "3", "--continue", str(tmp_path / "run"), "--data", "new.csv",
+            "--eval-data", "old.csv", "--phases", "2"])
+    c = got[1]
+    assert (c.memory_per_class, c.continue_from, c.data, c.eval_data, c.new_phases) == \
+        (3, str(tmp_path / "run"), "new.csv", "old.csv", 2)
