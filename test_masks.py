@@ -5,6 +5,7 @@ import dataclasses
 import os
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,9 +70,14 @@ def test_icons_builder_writes_a_manifest_with_object_masks(tmp_path):
     assert raw["images"].shape == (30, 3, 16, 16) and raw["objects"].shape == (30, 16, 16)
     share = (raw["objects"] > 127).float().mean((1, 2))
     assert (share > 0.05).all() and (share < 0.6).all()                                # a minority of the image
-    # the mask is where the icon is: inside it the image differs from the random background's statistics
-    for r in rows[:3]:
+    # the mask is where the icon is: every fake icon is filled with blue 200, which the backgrounds are not
+    from PIL import Image
+    out = os.path.dirname(path)
+    for r in rows:
         assert r["text"] and r["mask"].startswith("masks/")
+        img = np.asarray(Image.open(os.path.join(out, r["image"])).convert("RGB")).astype(float)
+        on = np.asarray(Image.open(os.path.join(out, r["mask"])).convert("L")) > 127
+        assert np.median(abs(img[on][:, 2] - 200)) < 2 and abs(img[~on][:, 2] - 200).mean() > 5   # edges blend
     again = R.build_icons(root, str(tmp_path / "again"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
                           min_themes=2, size=32, log=lambda *a: None)
     assert open(again).read().replace("again", "out") == open(path).read()              # seeded
