@@ -66,7 +66,8 @@ class TextConfig:
     causal: bool = False           # a token sees only the tokens at its position or before (CLIP)
     pool: str = "cls"              # which token's output is the caption's embedding: "cls" position 0 (BOS /
                                    # [CLS]); "eos" the last token (CLIP's end of text); "last" the context's last
-                                   # position, every position after the caption holding fill_id (SigLIP)
+                                   # position, every position after the caption holding fill_id (SigLIP);
+                                   # "mean" the mean over the caption's tokens (sentence-transformers' models)
     fill_id: int = 0               # pool "last": the token that fills the context after the caption
     proj_bias: bool = False        # the projection has a bias (SigLIP's text head)
 
@@ -484,12 +485,13 @@ class ViT(nn.Module):
 
 class TextTransformer(nn.Module):
     """Text tower. Pools one token, cfg.pool: position 0 (BOS / [CLS], always kept), the last token
-    (CLIP's end of text, which data.encode_texts keeps last), or SigLIP's last context position."""
+    (CLIP's end of text, which data.encode_texts keeps last), or SigLIP's last context position; or
+    ("mean") the mean of every kept token's output, as sentence-transformers pools its BERT models."""
 
     def __init__(self, cfg: TextConfig, adapter: str = "none", prompt_len: int = 0):
         super().__init__()
-        if cfg.pool not in ("cls", "eos", "last"):
-            raise ValueError(f"text pool must be cls, eos or last, got {cfg.pool!r}")
+        if cfg.pool not in ("cls", "eos", "last", "mean"):
+            raise ValueError(f"text pool must be cls, eos, last or mean, got {cfg.pool!r}")
         self.cfg = cfg
         D, use_ssf = cfg.dim, adapter == "ssf"
         P = prompt_len if adapter == "prompt" else 0
@@ -518,7 +520,7 @@ class TextTransformer(nn.Module):
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, aux: bool = False):
         """ids (B, L) token ids, pad_id where empty; pos (B, L) their positions (default 0..L-1).
         Returns emb (B, E) and, with aux, (attention row of the pooled token over the L tokens (B, L),
-        tokens (B, L, E))."""
+        position 0's for pool "mean", tokens (B, L, E))."""
         c = self.cfg
         B, L = ids.shape
         keep = ids != c.pad_id                                                    # (B, L)
@@ -534,12 +536,16 @@ class TextTransformer(nn.Module):
             n = x.shape[1]
             mask = (keep[:, None, :] & (pos[:, None, :] <= pos[:, :, None])) | torch.eye(n, dtype=torch.bool, device=x.device)  # (B, N, N): query, key
         # the pooled token: 0, or the last kept one in the sequence (the end of text; SigLIP's last fill token)
-        at = None if c.pool == "cls" else (keep * torch.arange(1, x.shape[1] + 1, device=x.device)).argmax(1)   # (B,)
+        at = None if c.pool in ("cls", "mean") else (keep * torch.arange(1, x.shape[1] + 1, device=x.device)).argmax(1)   # (B,)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             x, a = blk(x, mask, row=aux and i == last and (True if at is None else at))
         x = with_ssf(self.norm, self.norm_ssf, x)
-        pooled = x[:, 0] if at is None else x.gather(1, at.view(B, 1, 1).expand(-1, -1, x.shape[-1]))[:, 0]
+        if c.pool == "mean":   # the padding left out: (B, D)
+            w = keep.to(x.dtype)[..., None]
+            pooled = (x * w).sum(1) / w.sum(1).clamp(min=1)
+        else:
+            pooled = x[:, 0] if at is None else x.gather(1, at.view(B, 1, 1).expand(-1, -1, x.shape[-1]))[:, 0]
         emb = self.proj(pooled)
         if not aux:
             return emb

@@ -196,8 +196,9 @@ def test_overfit_one_batch():
     assert (m(images, ids).argmax(1) == y).all()
 
 
-def write_tiny_bert(path, V=40, D_=16, L_=2) -> dict:
-    """A random BERT-layout checkpoint folder: config.json, model.safetensors (written by hand), vocab.txt."""
+def write_tiny_bert(path, V=40, D_=16, L_=2, pooling: dict | None = None) -> dict:
+    """A random BERT-layout checkpoint folder: config.json, model.safetensors (written by hand), vocab.txt;
+    with pooling, a sentence-transformers 1_Pooling/config.json holding those modes."""
     torch.manual_seed(0)
     sd = {"embeddings.word_embeddings.weight": torch.randn(V, D_), "embeddings.position_embeddings.weight": torch.randn(40, D_),
           "embeddings.token_type_embeddings.weight": torch.randn(2, D_),
@@ -225,6 +226,10 @@ def write_tiny_bert(path, V=40, D_=16, L_=2) -> dict:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "the", "on", "of", "in", "grass", "sand", "sky", "photo"]
     with open(os.path.join(path, "vocab.txt"), "w") as f:
         f.write("\n".join(words + [f"w{i}" for i in range(V - len(words))]))
+    if pooling is not None:
+        os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+        with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+            json.dump({"word_embedding_dimension": D_, **pooling}, f)
     return sd
 
 
@@ -240,13 +245,35 @@ def test_safetensors_and_bert_layout_load(tmp_path):
     torch.testing.assert_close(tower(ids), tower(ids[:, :4]), atol=1e-5, rtol=1e-5)   # padding is masked out
 
 
+def test_sentence_transformers_pooling_is_read(tmp_path):
+    """A folder with sentence-transformers' 1_Pooling/config.json pools as it says: the mean of the
+    caption's tokens (padding left out), or [CLS]; another mode is refused."""
+    write_tiny_bert(str(tmp_path / "mean"), pooling={"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False})
+    cfg, state = M.load_bert(str(tmp_path / "mean"))
+    tower = M.TextTransformer(cfg).eval()
+    tower.load_state_dict(state)
+    ids = torch.tensor([[2, 5, 7, 3, 0, 0]])
+    emb, (_, tokens) = tower(ids, aux=True)
+    assert cfg.pool == "mean"
+    torch.testing.assert_close(emb, tokens[:, :4].mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tower(ids), tower(ids[:, :4]), atol=1e-5, rtol=1e-5)
+    write_tiny_bert(str(tmp_path / "cls"), pooling={"pooling_mode_cls_token": True})
+    assert M.load_bert(str(tmp_path / "cls"))[0].pool == "cls"
+    write_tiny_bert(str(tmp_path / "max"), pooling={"pooling_mode_max_tokens": True})
+    with pytest.raises(ValueError, match="pooling"):
+        M.load_bert(str(tmp_path / "max"))
+
+
 def test_train_with_a_bert_text_tower(tmp_path):
+    """A BERT text tower, pooled as its sentence-transformers config says (the mean), trains and exports:
+    ONNX Runtime gives PyTorch's logits (export_run checks it)."""
     from train import train
-    write_tiny_bert(str(tmp_path / "bert"))
-    cfg = tiny_train_cfg(tmp_path, methods="exmask", text_model=str(tmp_path / "bert"))
+    write_tiny_bert(str(tmp_path / "bert"), pooling={"pooling_mode_mean_tokens": True})
+    cfg = tiny_train_cfg(tmp_path, methods="exmask", text_model=str(tmp_path / "bert"), export=True)
     r = train(cfg)[0]
     assert r["memory"]["exemplars"] > 0 and len(r["accuracy_matrix"]) == 2
     assert os.path.exists(os.path.join(cfg.out, "exmask", "vocab.txt"))
+    assert os.path.exists(os.path.join(cfg.out, "exmask", "model.onnx"))
     assert isinstance(D.load_tokenizer(os.path.join(cfg.out, "exmask")), D.WordPieceTokenizer)
 
 
@@ -535,9 +562,12 @@ def test_real_minilm_weights_load_and_make_sense():
     ids = D.encode_texts(tok, ["a dog playing in the park", "a puppy runs on the grass",
                                "the stock market fell sharply today"], 32)
     with torch.no_grad():
-        _, (_, tokens) = tower(ids, aux=True)
+        pooled, (_, tokens) = tower(ids, aux=True)
     keep = (ids != tok.pad_id).float()[..., None]
-    emb = torch.nn.functional.normalize((tokens * keep).sum(1) / keep.sum(1), dim=-1)   # sentence-transformers' mean pooling
+    mean = (tokens * keep).sum(1) / keep.sum(1)                  # sentence-transformers' mean pooling, by hand
+    assert cfg.pool == "mean"                                     # as its 1_Pooling/config.json says
+    torch.testing.assert_close(pooled, mean, atol=1e-5, rtol=1e-5)
+    emb = torch.nn.functional.normalize(pooled, dim=-1)
     sim = emb @ emb.T
     assert sim[0, 1] > 0.3 > 0.1 > max(sim[0, 2], sim[1, 2])
 

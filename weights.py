@@ -99,14 +99,25 @@ def bert_to_ours(sd: dict, depth: int) -> dict:
 
 def load_bert(path: str) -> tuple[TextConfig, dict]:
     """A BERT-family checkpoint directory (config.json + model.safetensors, e.g. all-MiniLM-L6-v2)
-    -> (TextConfig, state dict in our names). Its vocab.txt goes to data.WordPieceTokenizer."""
+    -> (TextConfig, state dict in our names). Its vocab.txt goes to data.WordPieceTokenizer. Pooled
+    at [CLS], or as a sentence-transformers folder's 1_Pooling/config.json says: the mean of the
+    tokens where it asks for that (all-MiniLM-L6-v2 does: its sentence embedding)."""
     from models import TextConfig   # here, not at the top: models.py imports this module
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
+    pool = "cls"
+    pooling = os.path.join(path, "1_Pooling", "config.json")
+    if os.path.exists(pooling):
+        with open(pooling) as f:
+            p = json.load(f)
+        modes = [k for k, v in p.items() if k.startswith("pooling_mode_") and v]
+        if modes not in (["pooling_mode_mean_tokens"], ["pooling_mode_cls_token"]):
+            raise ValueError(f"{pooling}: pooling {modes} (only the mean of the tokens or [CLS] is supported)")
+        pool = "mean" if modes == ["pooling_mode_mean_tokens"] else "cls"
     cfg = TextConfig(vocab_size=c["vocab_size"], context=c["max_position_embeddings"], dim=c["hidden_size"],
                      depth=c["num_hidden_layers"], heads=c["num_attention_heads"],
                      mlp_ratio=c["intermediate_size"] / c["hidden_size"], pre_norm=False, embed_dim=0,
-                     pad_id=c.get("pad_token_id", 0), ln_eps=c.get("layer_norm_eps", 1e-12))
+                     pad_id=c.get("pad_token_id", 0), ln_eps=c.get("layer_norm_eps", 1e-12), pool=pool)
     return cfg, bert_to_ours(read_safetensors(os.path.join(path, "model.safetensors")), cfg.depth)
 
 
