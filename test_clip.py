@@ -271,7 +271,7 @@ def test_causal_eos_pooling_and_its_attention_row():
 
 def test_unknown_pooling_or_activation_is_refused():
     with pytest.raises(ValueError, match="text pool"):
-        tiny_text(pool="mean")
+        tiny_text(pool="max")
     with pytest.raises(ValueError, match="activation"):
         tiny_text(act="relu")
 
