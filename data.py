@@ -176,7 +176,8 @@ def decode_image(path: str, size: int) -> np.ndarray:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # more than 8 bits a pixel: scale, not clip
                 a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                top = (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else   # 16 bits
+                       1.0 if im.mode == "F" and a.max() <= 1 else 255.0)              # floats in 0..1
                 im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
             im = im.convert("RGB").resize((size, size), Image.BICUBIC)
             return np.asarray(im).transpose(2, 0, 1).copy()                   # (3, S, S)

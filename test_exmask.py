@@ -584,3 +584,32 @@ def test_wordpiece_splits_as_bert_does_on_the_real_vocabulary():
               "\x0bvt\x0cff", "Café déjà vu!", "naïve résumé ß", "e-mail: x@y.com (50%)", "hello\u3000world",
               "a" * 120 + " b", "A photo of dogs, playing!"]:
         assert ours.encode(s) == ref.encode(s), s
+
+
+def test_a_foreign_text_checkpoint_is_one_error_line_and_int_tensors_read(tmp_path):
+    """safetensors of every integer and bool type read (an int32 position_ids, as some BERTs ship);
+    a RoBERTa-style checkpoint (other key names) is one `error:` line, not a KeyError traceback."""
+    import towers
+    from weights import read_safetensors
+    sd = write_tiny_bert(str(tmp_path / "bert"))
+    path = str(tmp_path / "bert" / "model.safetensors")
+    extra = {"embeddings.position_ids": torch.arange(40, dtype=torch.int32)[None], "flag": torch.tensor([True])}
+
+    def write(tensors: dict) -> None:
+        header, blob, off = {}, b"", 0
+        for k, v in tensors.items():
+            b = v.contiguous().view(torch.uint8).numpy().tobytes() if v.dtype == torch.bool else v.numpy().tobytes()
+            kind = {torch.float32: "F32", torch.int32: "I32", torch.bool: "BOOL"}[v.dtype]
+            header[k] = {"dtype": kind, "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+            blob, off = blob + b, off + len(b)
+        h = json.dumps(header).encode()
+        with open(path, "wb") as f:
+            f.write(len(h).to_bytes(8, "little") + h + blob)
+
+    write({**sd, **extra})
+    got = read_safetensors(path)
+    assert torch.equal(got["embeddings.position_ids"], torch.arange(40.0)[None]) and got["flag"].tolist() == [1.0]
+    write({"roberta." + k: v for k, v in sd.items()})
+    with pytest.raises(SystemExit) as e:
+        towers.bert_tower(str(tmp_path / "bert"), 16)
+    assert str(e.value.code).startswith("error: cannot load --text-model") and "\n" not in str(e.value.code)

@@ -166,7 +166,7 @@ def bert_tower(path: str, context: int) -> tuple[M.TextConfig, dict, D.WordPiece
         tcfg, state = M.load_bert(path)
     except (KeyError, ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: cannot load --text-model {path} as a BERT-family checkpoint: "
-                         f"{type(e).__name__}: {(str(e) or '').splitlines()[0][:300] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {(str(e) or '-').splitlines()[0][:300]}") from None
     context = min(context, tcfg.context)          # captions are short: keep the first positions only
     state["pos_embed"] = state["pos_embed"][:, :context]
     return replace(tcfg, context=context), state, D.WordPieceTokenizer(os.path.join(path, "vocab.txt"))
