@@ -49,6 +49,18 @@ def tiny_train_cfg(tmp_path, **kw):
     return Config(**base)
 
 
+def tiny_model_and_data(cfg) -> tuple:
+    """The tiny towers of a tiny_train_cfg (pretrained once, cached) with a head of 4 classes, and its
+    data prepared."""
+    import towers
+    import train as T
+    mcfg, state, tok = towers.backbone(cfg, "cpu", T.console(cfg))
+    data = T.prepare(T.read_data(cfg, mcfg.vit.image_size), cfg, mcfg, tok)
+    model = M.TwoTower(mcfg, 4)
+    model.load_state_dict(state, strict=False)
+    return mcfg, data, model
+
+
 # ----------------------------------------------------------------------------- models
 
 def test_vit_matches_timm_on_same_weights():

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -39,6 +40,13 @@ class PretrainConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def console(cfg):
+    """The run's console (cfg: a train.Config; quiet as cfg.quiet says)."""
+    from rich.console import Console
+    # a log file or notebook gets a wide table instead of rich's 80-column default
+    return Console(quiet=cfg.quiet, highlight=False, markup=False, width=None if sys.stdout.isatty() else 150)
+
 
 def progress(con):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
