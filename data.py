@@ -234,13 +234,14 @@ def _decode_text(raw: bytes, path: str) -> str:
 
 def read_rows(path: str, required: tuple = ("image", "text", "label")) -> list[dict]:
     """The rows of a CSV (with header) or JSONL manifest, each with `path`: its image's path
-    (image paths in the file are relative to the file). Training needs a label; serving does not.
+    (image paths in the file are relative to the file), and `line`: the row's line in the file, which
+    every error about a row names. Training needs a label; serving does not.
     Every problem found here is one `error:` line naming the file, the row and the field."""
     if not os.path.exists(path):
         raise SystemExit(f"error: manifest not found: {path}")
     with open(path, "rb") as f:
         raw = _decode_text(f.read(), path)
-    jsonl = is_jsonl(path)
+    jsonl = path.lower().endswith((".jsonl", ".json"))   # JSONL by its extension, in any case; else CSV
     lines = []                                      # each row's line in the file
     try:
         if jsonl:
@@ -274,12 +275,8 @@ def read_rows(path: str, required: tuple = ("image", "text", "label")) -> list[d
         if r.get("label") is not None:
             r["label"] = str(r["label"]).strip()   # " cat" and "cat" are one class
     root = os.path.dirname(os.path.abspath(path))
-    return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r.get("text") or "")) for r in rows]
-
-
-def is_jsonl(path: str) -> bool:
-    """A JSONL manifest (one JSON object a line), by its extension in any case; else a CSV."""
-    return path.lower().endswith((".jsonl", ".json"))
+    return [dict(r, path=os.path.join(root, str(r["image"])), text=str(r.get("text") or ""), line=n)
+            for n, r in zip(lines, rows)]
 
 
 SPLITS = {"train": False, "test": True}   # a manifest's split values (any case) -> is_test
@@ -292,8 +289,7 @@ def manifest_split(rows: list[dict], path: str) -> torch.Tensor | None:
     given = [str(r.get("split") or "").strip().lower() for r in rows]
     if not any(given):
         return None
-    first = 1 if is_jsonl(path) else 2
-    bad = [(n, v) for n, v in enumerate(given, first) if v not in SPLITS]
+    bad = [(r["line"], v) for r, v in zip(rows, given) if v not in SPLITS]
     if bad:
         lines = ", ".join(str(n) for n, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
         what = "blank" if not bad[0][1] else repr(bad[0][1])

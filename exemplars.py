@@ -220,9 +220,9 @@ def candidates(model: M.TwoTower, data: dict, classes: list[int], method: str, c
     "copies" stores every row again, round by round in herding order, each copy keeping patches that
     the row's earlier copies do not (while any are left), until the quota is full (at most MAX_COPIES
     of a row, each then with more patches). fill_quota (default: quota) is the share those two size
-    the exemplars for: under a fixed total budget, the smaller share a class will have in the last
-    phase, so that the trimming of later phases (Memory.add) does not drop whole rows of an early
-    class that sharper exemplars had crowded out.
+    the exemplars for: the share a class will have in the last phase (under a fixed total budget
+    smaller than now), so that the trimming of later phases (Memory.add) does not drop whole rows of
+    an early class that sharper exemplars had crowded out.
     Also returns, for the picture, the first exemplar of up to 4 classes."""
     out, shown = {}, []
     V, pad = model.cfg.text.vocab_size, model.cfg.text.pad_id

@@ -208,6 +208,19 @@ def test_overfit_one_batch():
     assert (m(images, ids).argmax(1) == y).all()
 
 
+def write_safetensors(path: str, tensors: dict) -> None:
+    """Tensors (float32, int32 or bool) as a .safetensors file, written by hand."""
+    kinds = {torch.float32: "F32", torch.int32: "I32", torch.bool: "BOOL"}
+    header, blob, off = {}, b"", 0
+    for k, v in tensors.items():
+        b = v.contiguous().view(torch.uint8).numpy().tobytes() if v.dtype == torch.bool else v.numpy().tobytes()
+        header[k] = {"dtype": kinds[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        blob, off = blob + b, off + len(b)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + blob)
+
+
 def write_tiny_bert(path, V=40, D_=16, L_=2, pooling: dict | None = None) -> dict:
     """A random BERT-layout checkpoint folder: config.json, model.safetensors (written by hand), vocab.txt;
     with pooling, a sentence-transformers 1_Pooling/config.json holding those modes."""
@@ -223,15 +236,8 @@ def write_tiny_bert(path, V=40, D_=16, L_=2, pooling: dict | None = None) -> dic
             sd[p + n + ".weight"], sd[p + n + ".bias"] = torch.randn(shape) * 0.2, torch.randn(shape[0]) * 0.1
         for n in ("attention.output.LayerNorm", "output.LayerNorm"):
             sd[p + n + ".weight"], sd[p + n + ".bias"] = torch.rand(D_), torch.randn(D_)
-    header, blob, off = {}, b"", 0
-    for k, v in sd.items():
-        b = v.numpy().tobytes()
-        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
-        blob, off = blob + b, off + len(b)
-    h = json.dumps(header).encode()
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "model.safetensors"), "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h + blob)
+    write_safetensors(os.path.join(path, "model.safetensors"), sd)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({"vocab_size": V, "max_position_embeddings": 40, "hidden_size": D_, "num_hidden_layers": L_,
                    "num_attention_heads": 2, "intermediate_size": 4 * D_}, f)
@@ -606,22 +612,10 @@ def test_a_foreign_text_checkpoint_is_one_error_line_and_int_tensors_read(tmp_pa
     sd = write_tiny_bert(str(tmp_path / "bert"))
     path = str(tmp_path / "bert" / "model.safetensors")
     extra = {"embeddings.position_ids": torch.arange(40, dtype=torch.int32)[None], "flag": torch.tensor([True])}
-
-    def write(tensors: dict) -> None:
-        header, blob, off = {}, b"", 0
-        for k, v in tensors.items():
-            b = v.contiguous().view(torch.uint8).numpy().tobytes() if v.dtype == torch.bool else v.numpy().tobytes()
-            kind = {torch.float32: "F32", torch.int32: "I32", torch.bool: "BOOL"}[v.dtype]
-            header[k] = {"dtype": kind, "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
-            blob, off = blob + b, off + len(b)
-        h = json.dumps(header).encode()
-        with open(path, "wb") as f:
-            f.write(len(h).to_bytes(8, "little") + h + blob)
-
-    write({**sd, **extra})
+    write_safetensors(path, {**sd, **extra})
     got = read_safetensors(path)
     assert torch.equal(got["embeddings.position_ids"], torch.arange(40.0)[None]) and got["flag"].tolist() == [1.0]
-    write({"roberta." + k: v for k, v in sd.items()})
+    write_safetensors(path, {"roberta." + k: v for k, v in sd.items()})
     with pytest.raises(SystemExit) as e:
         towers.bert_tower(str(tmp_path / "bert"), 16)
     assert str(e.value.code).startswith("error: cannot load --text-model") and "\n" not in str(e.value.code)

@@ -265,8 +265,8 @@ def run_method(cfg: Config, method: str, data: dict, mcfg: M.ModelConfig, backbo
             if memory is not None:
                 gen = torch.Generator().manual_seed(cfg.seed * 1000 + t)
                 # under torchrun: chosen and masked once, by the first process; every process stores them
-                # a fixed total budget shrinks each class's share as classes come: fill for the last phase's
-                last = memory.quota(sum(map(len, phase_cls))) if memory.total_bytes else None
+                # fill for a class's share in the last phase (a fixed total budget shrinks it as classes come)
+                last = memory.quota(sum(map(len, phase_cls)))
                 cands, shown = (candidates(model, data, phase_cls[t], method, cfg, gen,
                                            memory.quota(len(memory.classes) + len(phase_cls[t])), last)
                                 if ranks.is_main() else (None, []))
