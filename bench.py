@@ -3,7 +3,7 @@
     python bench.py                                  # every benchmark but data_scale
     python bench.py --only onnx_latency --threads 1  # one of them
     python bench.py --only data_scale --scale-dir DIR   # start-up at 5,000 and 50,000 images (~9 GB in DIR)
-    python bench.py --run runs/default/exmask        # a trained run instead of the default model
+    python bench.py --run runs/default/exmask        # onnx_export, onnx_latency, masked_test on a trained run
     python bench.py --only masked_test --run RUN/exmask [--data D]   # has the run learned "masked = old class"?
     # issue 9's GPU figures, three runs into one JSON (each run adds its results to F):
     python bench.py --only model_speed --compile --profile --device cuda --out F   # ViT-B/16 vs timm, steps,
@@ -12,7 +12,8 @@
     python bench.py --only phase_loop --device cuda --out F    # the phase loop against its own steps
 
 Results are printed and merged into the JSON file `--out` (default runs/bench.json) under
-"results"/<name>, with the machine they ran on, so benchmarks can be run one at a time.
+"results"/<name>, each with the machine it ran on ("results"/<name>/"machine"; the top-level
+"machine" is the last run's), so benchmarks can be run one at a time, on different machines.
 
 Adding one: write `def name(o: Opts) -> dict`, put it in BENCHMARKS, add any new knob to Opts. The
 speed benchmarks (model_speed, phase_loop, sdpa_shapes) live in bench_speed.py, data_scale in bench_data.py.
@@ -83,12 +84,15 @@ def machine() -> dict:
 
 
 def timed(fns: dict, repeats: int, warmup: int, rounds: int = 5) -> dict[str, float]:
-    """Median milliseconds per call of each function. The functions take turns in `rounds` blocks,
+    """Median milliseconds of `repeats` timed calls of each function. The functions take turns in
+    `rounds` blocks (fewer where repeats < rounds), the calls spread over them as evenly as they go,
     so a drift in machine speed (a shared host) hits all of them alike; within a block one runtime
-    runs alone, so one runtime's spinning worker threads do not slow the other's calls."""
+    runs alone, after `warmup` untimed calls, so one runtime's spinning worker threads do not slow
+    the other's calls."""
     times = {k: [] for k in fns}
-    per = max(1, repeats // rounds)
-    for _ in range(rounds):
+    rounds = max(1, min(rounds, repeats))
+    for r in range(rounds):
+        per = repeats // rounds + (r < repeats % rounds)
         for k, fn in fns.items():
             for _ in range(warmup):
                 fn()
@@ -303,6 +307,7 @@ def masked_test(o: Opts) -> dict:
     return res
 
 
+USE_RUN = ("onnx_export", "onnx_latency", "masked_test")   # the benchmarks that measure --run's model
 BENCHMARKS = {"onnx_export": onnx_export, "onnx_latency": onnx_latency, "replay_cost": replay_cost,
               "mask_precision": mask_precision, "masked_test": masked_test, "model_speed": model_speed,
               "phase_loop": phase_loop, "sdpa_shapes": sdpa_shapes, "data_scale": data_scale}
@@ -388,13 +393,17 @@ def main(argv=None) -> None:
     o = Opts()
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only this one (repeatable)")
     p.add_argument("--out", default=os.path.join("runs", "bench.json"))
-    p.add_argument("--repeats", type=int, default=o.repeats)
-    p.add_argument("--warmup", type=int, default=o.warmup)
+    p.add_argument("--repeats", type=int, default=o.repeats,
+                   help="onnx_latency, replay_cost: timed calls per measurement (the median is reported)")
+    p.add_argument("--warmup", type=int, default=o.warmup,
+                   help="onnx_latency, replay_cost: untimed calls before each of the 5 blocks of timed calls")
     p.add_argument("--threads", type=int, default=o.threads)
-    p.add_argument("--run", default=o.run, help="a trained method folder instead of the default model")
+    p.add_argument("--run", default=o.run, help="onnx_export, onnx_latency: a trained method folder instead of the "
+                   "default model; masked_test: the run to test (the other benchmarks do not use it)")
     p.add_argument("--device", default=o.device, help="model_speed: cpu or cuda")
     p.add_argument("--batch", type=int, default=o.batch, help="model_speed: images per call (0 = 256 cuda, 16 cpu)")
-    p.add_argument("--steps", type=int, default=o.steps, help="model_speed: timed calls per row (0 = 10 cuda, 3 cpu)")
+    p.add_argument("--steps", type=int, default=o.steps, help="timed calls per row: model_speed (0 = 10 cuda, 3 cpu), "
+                   "phase_loop (0 = 10 a step shape), sdpa_shapes (0 = 30 a kind)")
     p.add_argument("--compile", action="store_true",
                    help="model_speed: also the compiled steps; phase_loop: the loop as train.py --compile runs it")
     p.add_argument("--replay-passes", type=int, default=o.replay_passes,
@@ -409,19 +418,35 @@ def main(argv=None) -> None:
     p.add_argument("--scale-dir", default=o.scale_dir, help="data_scale: where the manifests and caches go (GBs)")
     p.add_argument("--scale-steps", type=int, default=o.scale_steps, help="data_scale: ViT-B/16 training steps after start-up")
     a = p.parse_args(argv)
+    bad = lambda msg: p.exit(2, f"error: {msg}\n")   # one line, no usage, exit 2 as argparse's errors
+    try:
+        sizes = tuple(int(x) for x in a.sizes.split(","))
+    except ValueError:
+        bad(f"--sizes: whole numbers of images, comma-separated (e.g. 5000,50000), got {a.sizes!r}")
+    for name, v, low in (("--repeats", a.repeats, 1), ("--warmup", a.warmup, 0), ("--threads", a.threads, 0),
+                         ("--steps", a.steps, 0), ("--batch", a.batch, 0), ("--replay-passes", a.replay_passes, 1),
+                         ("--scale-steps", a.scale_steps, 0)):
+        if v < low:
+            bad(f"{name} must be at least {low}, got {v}")
+    if any(n < 1 for n in sizes):
+        bad(f"--sizes must be positive, got {a.sizes!r}")
+    if not 0 <= a.keep_image <= 1:
+        bad(f"--keep-image is a share of the patches, in (0, 1] (0: train.py's), got {a.keep_image}")
     opts = Opts(repeats=a.repeats, warmup=a.warmup, threads=a.threads, run=a.run, device=a.device, batch=a.batch,
                 steps=a.steps, compile=a.compile, replay_passes=a.replay_passes, profile=a.profile, vit=a.vit, data=a.data,
-                keep_image=a.keep_image, sizes=tuple(int(x) for x in a.sizes.split(",")),
-                scale_dir=a.scale_dir, scale_steps=a.scale_steps)
+                keep_image=a.keep_image, sizes=sizes, scale_dir=a.scale_dir, scale_steps=a.scale_steps)
     report = {"results": {}}
     if os.path.exists(a.out):
         with open(a.out) as f:
             report = json.load(f)
-    report["machine"] = machine()
+    report["machine"] = here = machine()
     # data_scale writes gigabytes: ask for it; masked_test reads a trained run: with --run
-    for name in a.only or [n for n in BENCHMARKS if n != "data_scale" and (n != "masked_test" or a.run)]:
+    names = a.only or [n for n in BENCHMARKS if n != "data_scale" and (n != "masked_test" or a.run)]
+    if a.run and not set(names) & set(USE_RUN):
+        bad(f"--run is used by {', '.join(USE_RUN)} only, and none of them is asked for")
+    for name in names:
         res = BENCHMARKS[name](opts)
-        report["results"][name] = res
+        report["results"][name] = dict(res, machine=here)
         show(name, res)
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         D.write_json(a.out, report)   # after each benchmark: a run stopped later keeps what it measured

@@ -393,53 +393,66 @@ def phase_loop(o, base=None) -> dict:
         for k, fn in real.items():
             setattr(T, k, fn)
 
-    # every step again, alone: the same shapes (new batch; from phase 2 on, with --mask-new, those
-    # rows again masked at the kept share, in one pass with the exemplars replayed at the kept share)
+    # every step again, alone: the same shapes (new batch, captions cut to the longest as the loop
+    # cuts them; from phase 2 on, with --mask-new, those rows again masked at the --keep-image share,
+    # in one pass with the exemplars replayed at the share the memory kept for them then: the fill
+    # gives exemplars more patches than --keep-image where a class's rows all fit)
     phase_cls = D.phase_classes(list(range(len(data["class_names"]))), cfg.phases)
     N, P = data["patches"].shape[1:]
     K = exmask.keep_count(N, cfg.keep_image)
+    pad = mcfg.text.pad_id
     g = torch.Generator().manual_seed(0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-5, foreach=True)   # as train.train_phase
     amp = M.autocast(dev)
     model.train()
-    step_ms, alone_s, shapes = {}, 0.0, []
+    step_ms, step_cols, alone_s, shapes = {}, {}, 0.0, []
     for t in range(cfg.phases):
         n_new = int((data["is_train"] & torch.isin(data["labels"], torch.tensor(phase_cls[t]))).sum())
         n_mem = res["memory_per_phase"][t - 1]["exemplars"] if t else 0
         per_epoch, B, R = T.phase_plan(cfg, n_new, n_mem)
         Bm = round(B * min(cfg.mask_new, 1.0)) if n_mem else 0     # masked new views per step, on average
-        if (B, Bm, R) not in step_ms:
+        Kr = max(1, round(res["memory_per_phase"][t - 1]["mean_kept_patches"])) if t else K   # patches an exemplar kept
+        if (B, Bm, R, Kr) not in step_ms:
             rows = torch.randint(len(data["labels"]), (B + R,), generator=g)
             x = data["patches"][rows[:B]].to(dev)
-            pidx = torch.rand(R, N, generator=g).argsort(1)[:, :K].sort(1).values.to(dev)
-            xr = M.gather_tokens(data["patches"][rows[B:]].to(dev), pidx)
-            midx = torch.rand(Bm, N, generator=g).argsort(1)[:, :K].sort(1).values.to(dev)
-            xm = M.gather_tokens(x[:Bm], midx)
-            ids = data["ids"][rows].to(dev)
+            ids_new = exmask.trim_ids(data["ids"][rows[:B]], pad).to(dev)
             y = data["labels"][rows].clamp(max=model.n_classes - 1).to(dev)
+
+            def part(r, k):   # rows r masked to k random patches, in collate's layout
+                idx = torch.rand(len(r), N, generator=g).argsort(1)[:, :k].sort(1).values.to(dev)
+                ids = exmask.trim_ids(data["ids"][r], pad).to(dev)
+                return {"pixels": M.gather_tokens(data["patches"][r].to(dev), idx), "patch_idx": idx, "ids": ids,
+                        "pos": torch.arange(ids.shape[1], device=dev).expand_as(ids), "labels": y[:0].new_tensor(r)}
+            # the masked new views and the replayed exemplars in one pass, as replay.masked_and_replay
+            j = exmask.concat([b for b in (part(rows[:Bm], K), part(rows[B:], Kr)) if len(b["labels"])], pad) \
+                if Bm or R else None
+            if j is not None:
+                j["labels"] = data["labels"][j["labels"].cpu()].clamp(max=model.n_classes - 1).to(dev)
 
             def step():
                 with amp:
-                    loss = F.cross_entropy(model.forward_tokens(x, M.all_patches(x), ids[:B]).float(), y[:B])
-                    if Bm or R:   # the masked new views and the replayed exemplars in one pass, as the loop
-                        lo = F.cross_entropy(model.forward_tokens(torch.cat([xm, xr]), torch.cat([midx, pidx]),
-                                                                  torch.cat([ids[:Bm], ids[B:]])).float(),
-                                             torch.cat([y[:Bm], y[B:]]))
+                    loss = F.cross_entropy(model.forward_tokens(x, M.all_patches(x), ids_new).float(), y[:B])
+                    if j is not None:
+                        lo = F.cross_entropy(model.forward_tokens(j["pixels"], j["patch_idx"], j["ids"], j["pos"],
+                                                                  j.get("patch_keep")).float(), j["labels"])
                         loss = (loss * B + lo * (Bm + R)) / (B + Bm + R)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             with M.loop_attention(dev):   # the SDPA kernels the loop runs with
-                step_ms[(B, Bm, R)] = clock(step, o.steps or 10, 3, cuda)["ms"]
+                step_ms[(B, Bm, R, Kr)] = clock(step, o.steps or 10, 3, cuda)["ms"]
+            step_cols[(B, Bm, R, Kr)] = ids_new.shape[1]
         steps = cfg.epochs * per_epoch
-        alone_s += steps * step_ms[(B, Bm, R)] / 1e3
+        alone_s += steps * step_ms[(B, Bm, R, Kr)] / 1e3
         shapes.append({"phase": t + 1, "steps": steps, "exemplars": n_mem, "new_per_step": B, "new_masked_per_step": Bm,
-                       "replayed_per_step": R, "step_ms": step_ms[(B, Bm, R)]})
+                       "replayed_per_step": R, "replayed_patches": Kr, "masked_patches": K,
+                       "caption_columns": int(step_cols[(B, Bm, R, Kr)]), "step_ms": step_ms[(B, Bm, R, Kr)]})
     out = {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None,
            "vit": {k: getattr(mcfg.vit, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
            "compile": o.compile, "replay_passes": cfg.replay_passes, "loop_sdpa": M.LOOP_SDPA, "threads": torch.get_num_threads(), "images": len(data["labels"]),
            "phase_loop_s": loop_s, "phase_seconds": res["phase_seconds"], **{f"{k}_s": v for k, v in spent.items()},
+           "memory_mean_kept_patches": [m["mean_kept_patches"] for m in res["memory_per_phase"]],
            "steps_alone_s": alone_s, "share_of_step_speed": alone_s / loop_s,
            "training_share_of_step_speed": alone_s / (spent["train_phase"] - spent["mask_sets"]), "phases": shapes,
            "avg_incremental_accuracy": res["avg_incremental_accuracy"]}

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -82,8 +83,11 @@ def check_images(paths: list[str], workers: int = 0, what: str = "checking image
 
 def read_text_file(path: str, log=print) -> str:
     """A text file as UTF-8 (a byte-order mark is fine); one that is not is read as Windows-1252, said once."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path}: {e.strerror or e}") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -197,9 +201,11 @@ def read_captions(path: str, log=print) -> dict[str, str]:
     Paths may start with imagenet-r/ or ./ and use either slash."""
     out = {}
     for fields in csv.reader(io.StringIO(read_text_file(path, log))):
+        if not fields:
+            continue                                         # a blank line
         key = fields[0].strip().replace("\\", "/").removeprefix("./").removeprefix("imagenet-r/")
         if len(fields) < 2 or not is_image_name(key.rsplit("/", 1)[-1]):
-            continue                                         # a header or a blank line
+            continue                                         # a header, or a row without a caption
         out[key] = " ".join(",".join(fields[1:]).split())
     if not out:
         raise SystemExit(f"error: no captions in {path} (expected rows of: relative image path, caption)")
@@ -224,13 +230,15 @@ def build_imagenet_r(root: str, out: str, captions: str = "", test_share: float 
     names = imagenet_names()
     known = set(imagenet_r_wnids())
     caps = read_captions(captions, log) if captions else {}
-    found, counts = [], {"stray files ignored": 0, "folders not in ImageNet-R": 0}
+    found, counts = [], {"stray files ignored": 0, "folders not in ImageNet-R ignored": 0}
     for wnid in sorted(os.listdir(base)):
         d = os.path.join(base, wnid)
         if not os.path.isdir(d) or not re.fullmatch(r"n\d{8}", wnid):
             counts["stray files ignored"] += 1
             continue
-        counts["folders not in ImageNet-R"] += wnid not in known
+        if wnid not in known:   # another ImageNet class: not ImageNet-R's, and its name could be one of them
+            counts["folders not in ImageNet-R ignored"] += 1
+            continue
         for d_, _, files in os.walk(d):
             for f in sorted(files):
                 if is_image_name(f):
@@ -281,6 +289,15 @@ def budget_plan(classes: int, memory_per_class: float = 5.0, image_size: int = 2
     context: the fewest exemplars) costs exmask.exemplar_bytes, full for replay, masked for exmask.
     Defaults: ViT-B/16 at 224 px and a BERT-family text tower (all-MiniLM-L6-v2: 30,522 ids, the
     64 positions train.py keeps). lowres: exmask's exemplars also store a thumbnail (--lowres)."""
+    for name, v in (("classes", classes), ("image size", image_size), ("patch", patch), ("context", context),
+                    ("vocabulary", vocab_size)):
+        if v < 1:
+            raise SystemExit(f"error: the {name} must be at least 1, got {v}")
+    if patch > image_size:
+        raise SystemExit(f"error: the patch side {patch} is larger than the image side {image_size}: no patches")
+    if memory_per_class <= 0 or not 0 < keep_image <= 1 or not 0 < keep_text <= 1 or tokens < 0 or lowres < 0:
+        raise SystemExit("error: the memory per class must be positive, --keep-image and --keep-text shares in "
+                         "(0, 1], --tokens and --lowres at least 0")
     n, p = (image_size // patch) ** 2, 3 * patch * patch
     tokens = min(tokens or context, context)
     unit = exmask.full_bytes(n, p, context, vocab_size)
@@ -335,10 +352,13 @@ ICON_TEMPLATES = (
 )
 
 
-def _icon_files(theme_dir: str) -> dict[str, tuple[str, str]]:
-    """One theme folder -> {icon name: (best file, category)}: the largest bitmap of 48-128 px, else
-    the vector file, else any bitmap of 32 px or more. Symbolic (monochrome) icons are skipped; links
-    (another name for the same drawing) are kept here and resolved by build_icons."""
+def _icon_files(theme_dir: str, vector: bool = True) -> dict[str, tuple[str, str]]:
+    """One theme folder -> {icon name: (best file, category)}: files ranked by size, bitmaps of 48-128
+    px by their size and the vector file (with `vector`) as a 96 px bitmap, so it beats bitmaps of
+    48-64 px and loses to those of 96-128; then larger bitmaps, then any of 32 px or more. Without
+    `vector` (no rsvg-convert to render them) vector files are not candidates and the best bitmap is
+    kept. Symbolic (monochrome) icons are skipped; links (another name for the same drawing) are kept
+    here and resolved by build_icons."""
     best: dict[str, tuple[int, str, str]] = {}
     for root, _, files in os.walk(theme_dir):
         parts = os.path.relpath(root, theme_dir).split(os.sep)
@@ -355,7 +375,8 @@ def _icon_files(theme_dir: str) -> dict[str, tuple[str, str]]:
         for f in files:
             name, ext = os.path.splitext(f)
             path = os.path.join(root, f)
-            if ext not in (".png", ".svg") or "symbolic" in name or not os.path.exists(path):
+            if ext not in (".png", ".svg") or (ext == ".svg" and not vector) or "symbolic" in name \
+                    or not os.path.exists(path):
                 continue
             rank = size if size <= 128 else 128 - size / 1000     # prefer 48-128 px, then larger ones
             if name not in best or rank > best[name][0]:
@@ -365,7 +386,6 @@ def _icon_files(theme_dir: str) -> dict[str, tuple[str, str]]:
 
 def _load_icon(path: str, side: int):
     """An icon file -> RGBA PIL image of side x side (vector files through rsvg-convert)."""
-    import subprocess
     from PIL import Image
     if path.endswith(".svg"):
         png = subprocess.run(["rsvg-convert", "-w", str(side * 2), "-h", str(side * 2), path],
@@ -423,17 +443,17 @@ def build_icons(themes_root: str, out: str, themes: tuple = ICON_SETS["dev"], n_
     from PIL import Image
     rng = np.random.default_rng(seed)
     found = {}
+    have_svg = shutil.which("rsvg-convert") is not None
     for t in themes:
         d = os.path.join(themes_root, t)
         if os.path.isdir(d):
-            found[t] = _icon_files(d)
+            found[t] = _icon_files(d, vector=have_svg)
     if not found:
         raise SystemExit(f"error: none of the themes {', '.join(themes)} is in {themes_root} "
                          f"(install them: apt-get install {ICON_PACKAGES})")
-    have_svg = shutil.which("rsvg-convert") is not None
     if not have_svg:
-        found = {t: {n: v for n, v in f.items() if not v[0].endswith(".svg")} for t, f in found.items()}
-        log("note: rsvg-convert not found (apt-get install librsvg2-bin): vector icons skipped")
+        log("note: rsvg-convert not found (apt-get install librsvg2-bin): vector icons skipped, bitmaps "
+            "used where a theme has them (the set differs from one built with it)")
     count: dict[str, list[str]] = {}
     for t, files in found.items():
         for name in files:
@@ -467,7 +487,12 @@ def build_icons(themes_root: str, out: str, themes: tuple = ICON_SETS["dev"], n_
             theme = ts[k % len(ts)]
             path, cat = found[theme][name]
             side = int(size * rng.uniform(*object_side))
-            icon = _load_icon(path, side)
+            try:
+                icon = _load_icon(path, side)
+            except (OSError, ValueError, subprocess.SubprocessError) as e:   # a damaged file in an installed theme
+                raise SystemExit(f"error: cannot draw the icon {path}: {type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0][:200]} (reinstall its theme, or leave "
+                                 f"{theme} out with --themes)") from None
             bg, bg_words = _background(size, rng)
             x, y = (int(rng.integers(0, size - s + 1)) for s in icon.size)
             canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).convert("RGBA")

@@ -256,6 +256,7 @@ def test_bench_phase_loop_times_the_loop_and_its_steps(tmp_path, monkeypatch):
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda name, **kw: real(name, **kw, img_size=64))
     base = replace(tiny_train_cfg(tmp_path), epochs=1)
+    base = replace(base, model=replace(base.model, text=replace(base.model.text, context=40)))   # room after the captions
     res = bench.phase_loop(bench.Opts(steps=1, vit="vit_tiny_patch16_224", replay_passes=2), base)
     assert res["vit"]["image_size"] == 64 and len(res["phases"]) == base.phases == len(res["phase_seconds"])
     assert res["phases"][1]["replayed_per_step"] > 0 and 0 < res["steps_alone_s"] and res["replay_passes"] == 2
@@ -272,6 +273,11 @@ def test_bench_phase_loop_times_the_loop_and_its_steps(tmp_path, monkeypatch):
     assert base.mask_new == 1 and res["phases"][0]["new_masked_per_step"] == 0
     assert res["phases"][1]["new_masked_per_step"] == res["phases"][1]["new_per_step"] > 0
     assert 0 < res["mask_sets_s"] < res["train_phase_s"]
+    # the steps alone replay exemplars at the patches the loop's memory kept (the fill gives them more
+    # than --keep-image here: every row fits), the views at --keep-image, captions cut as the loop cuts them
+    kept = res["memory_mean_kept_patches"]
+    assert p2["replayed_patches"] == round(kept[0]) > p2["masked_patches"]
+    assert all(p["caption_columns"] < base.model.text.context for p in res["phases"])
 
 
 def test_the_loop_runs_sdpa_without_cudnn_on_a_gpu(tmp_path, monkeypatch):

@@ -78,6 +78,37 @@ def test_icons_builder_writes_a_manifest_with_object_masks(tmp_path):
         R.build_icons(root, str(tmp_path / "x"), ("nope",), log=lambda *a: None)
 
 
+def test_icon_files_rank_vectors_as_96_px_and_fall_back_to_bitmaps_without_rsvg(tmp_path):
+    """recipes._icon_files: a vector file ranks as a 96 px bitmap (it beats 48 px, loses to 128 px);
+    without rsvg-convert (vector=False) the theme's best bitmap is kept instead of losing the icon."""
+    from PIL import Image
+    t = tmp_path / "theme"
+    for sub, name in (("48x48/devices", "printer.png"), ("scalable/devices", "printer.svg"),
+                      ("48x48/places", "folder.png"), ("128x128/places", "folder.png"), ("scalable/places", "folder.svg"),
+                      ("scalable/apps", "calc.svg")):
+        os.makedirs(t / sub, exist_ok=True)
+        if name.endswith(".png"):
+            Image.new("RGBA", (8, 8)).save(t / sub / name)
+        else:
+            (t / sub / name).write_text("<svg xmlns='http://www.w3.org/2000/svg' width='8' height='8'/>")
+    got = R._icon_files(str(t))
+    assert got["printer"][0].endswith(os.path.join("scalable", "devices", "printer.svg"))
+    assert got["folder"][0].endswith(os.path.join("128x128", "places", "folder.png")) and "calc" in got
+    bitmaps = R._icon_files(str(t), vector=False)
+    assert bitmaps["printer"][0].endswith(os.path.join("48x48", "devices", "printer.png")) and "calc" not in bitmaps
+    assert bitmaps["folder"] == got["folder"]
+
+
+def test_a_damaged_icon_is_one_error_line(tmp_path):
+    root = fake_theme_tree(str(tmp_path / "icons"))
+    bad = os.path.join(root, "alpha", "48x48", "devices", "printer.png")
+    with open(bad, "r+b") as f:
+        f.truncate(60)
+    with pytest.raises(SystemExit, match=r"^error: cannot draw the icon .*printer.png.*--themes\)$"):
+        R.build_icons(root, str(tmp_path / "out"), ("alpha", "beta", "gamma"), n_classes=3, per_class=10,
+                      min_themes=2, size=32, log=lambda *a: None)
+
+
 def test_icons_cli(tmp_path):
     root = fake_theme_tree(str(tmp_path / "icons"))
     R.main(["icons", str(tmp_path / "out"), "--themes-root", root, "--themes", "alpha,beta,gamma", "--classes", "2",

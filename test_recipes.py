@@ -242,6 +242,14 @@ def test_budget_plan_for_the_paper_protocol():
     assert small["patches"] == 64 and small["kept_patches"] == 19 and small["replay_per_class"] == 1
 
 
+def test_budget_refuses_impossible_protocols():
+    for kw, msg in (({"patch": 0}, "patch must be at least 1"), ({"image_size": 8}, "no patches"),
+                    ({"classes": 0}, "classes must be"), ({"keep_image": 0.0}, "shares in"),
+                    ({"memory_per_class": 0}, "memory per class")):
+        with pytest.raises(SystemExit, match=f"^error: .*{msg}"):
+            R.budget_plan(**{"classes": 10, **kw})
+
+
 def test_budget_cli(tmp_path):
     out = subprocess.run([sys.executable, "data.py", "budget", "--classes", "101", "--memory-per-class", "3",
                           "--image-size", "224", "--patch", "16", "--context", "40", "--vocab", "30522",
@@ -301,3 +309,22 @@ def test_imagenet_r_keeps_a_training_row_and_reads_backslash_caption_paths(tmp_p
         splits = [r["split"] for r in rows if r["label"] == name]
         assert "train" in splits and ("test" in splits or len(splits) == 1)
     assert {r["image"].split("imagenet-r/")[1]: r["text"] for r in rows}["n01443537/sketch_1.jpg"] == "a sketched fish"
+
+
+def test_imagenet_r_ignores_other_imagenet_classes_and_reads_captions_with_blank_lines(tmp_path):
+    """A folder of an ImageNet class outside ImageNet-R's 200 is left out and counted: two such wnids
+    can share a name ("crane", the bird and the machine), and neither is ImageNet-R's. A captions file
+    with blank lines is read; a missing one is one error line."""
+    imagenet_r_tree(tmp_path / "in")
+    for wnid in ("n02012849", "n03126707"):                    # crane (bird), crane (machine)
+        for k in range(3):
+            jpeg(os.path.join(tmp_path, "in", "imagenet-r", wnid, f"art_{k}.jpg"), 7 + k)
+    caps = tmp_path / "caps.csv"
+    caps.write_text("image,caption\n\nn01443537/art_0.jpg,a fish\n\n", encoding="utf-8")
+    log = []
+    rows = rows_of(R.build_imagenet_r(str(tmp_path / "in"), str(tmp_path / "out"), captions=str(caps), log=log.append))
+    assert {r["label"] for r in rows} == set(WNIDS.values()) and len(rows) == 30
+    assert "folders not in ImageNet-R ignored: 2" in log[-1]
+    assert {r["image"].split("imagenet-r/")[1]: r["text"] for r in rows}["n01443537/art_0.jpg"] == "a fish"
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*nope.csv"):
+        R.build_imagenet_r(str(tmp_path / "in"), str(tmp_path / "x"), captions=str(tmp_path / "nope.csv"), **QUIET)

@@ -332,3 +332,39 @@ def test_a_profiler_failure_keeps_the_clocked_rows(monkeypatch, tmp_path):
 def test_profile_kinds_name_cuda_kernels_and_cpu_operators(name, kind):
     import bench_speed
     assert bench_speed.kernel_kind(name) == kind
+
+
+def test_timed_makes_exactly_the_repeats_it_reports():
+    """bench.timed: `repeats` timed calls of each function (the remainder spread over the blocks, fewer
+    blocks than 5 where repeats < 5), each block after `warmup` untimed calls."""
+    import bench
+    for repeats, warmup, rounds in ((50, 2, 5), (7, 5, 5), (3, 1, 3), (12, 0, 5)):
+        calls = {"a": 0, "b": 0}
+
+        def call(k):
+            calls[k] += 1
+        ms = bench.timed({k: (lambda k=k: call(k)) for k in calls}, repeats, warmup)
+        assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+        assert calls == {"a": repeats + warmup * rounds, "b": repeats + warmup * rounds}
+
+
+def test_bench_results_each_name_their_machine(monkeypatch, tmp_path, capsys):
+    """Every result in bench.py's JSON keeps the machine it ran on: a later run of another benchmark
+    (another machine) adds its own and leaves the earlier one's. Bad options are one error line."""
+    import json
+    import bench
+    out = tmp_path / "b.json"
+    out.write_text(json.dumps({"machine": {"gpu": "H200"}, "results": {"sdpa_shapes": {"x": 1, "machine": {"gpu": "H200"}}}}))
+    monkeypatch.setitem(bench.BENCHMARKS, "replay_cost", lambda o: {"ms": 1.0})
+    monkeypatch.setattr(bench, "show", lambda name, res: None)
+    bench.main(["--only", "replay_cost", "--out", str(out)])
+    r = json.loads(out.read_text())["results"]
+    assert r["sdpa_shapes"]["machine"] == {"gpu": "H200"} and r["replay_cost"]["ms"] == 1.0
+    assert r["replay_cost"]["machine"] == bench.machine()
+    capsys.readouterr()
+    for argv in (["--sizes", "5k"], ["--repeats", "0"], ["--keep-image", "1.5"], ["--only", "replay_cost", "--run", "x"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv + ["--out", str(tmp_path / "c.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "c.json").exists()
