@@ -41,15 +41,19 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def data_identity(cfg) -> str:
-    """A short hash of the data a run trains on: the manifest's bytes, or the embedded data's settings
-    (the images themselves are checked by the image cache, data.read_manifest)."""
+    """A short hash of the data a run trains and is measured on: the manifest's bytes, or the embedded
+    data's settings, and a continued run's --eval-data manifest where it has one (the images
+    themselves are checked by the image cache, data.read_manifest)."""
     h = hashlib.blake2b(digest_size=8)
-    if cfg.data:
-        with open(cfg.data, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        h.update(json.dumps(asdict(cfg.synth), sort_keys=True).encode())
+    for i, path in enumerate([cfg.data, getattr(cfg, "eval_data", "")]):
+        if i and path:
+            h.update(b"\0eval:")   # a run without --eval-data keeps the hash it always had
+        if path:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        elif not i:
+            h.update(json.dumps(asdict(cfg.synth), sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -89,7 +93,8 @@ def load_checkpoint(path: str, run: dict, defaults: dict | None = None) -> dict:
         if k in LATER and k not in old:
             continue
         if old.get(k, defaults.get(k)) != v:
-            what = {"classes": "the classes or their order", "data": "data (the manifest or the embedded data's settings)",
+            what = {"classes": "the classes or their order",
+                    "data": "data (the manifest or the embedded data's settings, or --eval-data)",
                     "backbone": "backbone (the towers' frozen weights)"}.get(k, k)
             shown = "" if k in ("classes", "towers", "data", "backbone") else f": {old.get(k)!r} there, {v!r} now"
             raise SystemExit(f"error: --resume: {path} was made with another {what}{shown}; resume with the same "

@@ -40,7 +40,7 @@ import data as D
 import models as M
 import ranks
 import train as T
-from checkpoints import UNRECORDED
+from checkpoints import UNRECORDED, digest
 from pictures import draw_accuracy
 
 RUN_FILES = ("checkpoint.pt", "model.pt")
@@ -49,19 +49,27 @@ RUN_FILES = ("checkpoint.pt", "model.pt")
 # ----------------------------------------------------------------------------- the run being continued
 
 def find_run(path: str) -> str:
-    """The method folder to continue: `path` itself, or the one method folder in a run's folder."""
+    """The method folder to continue: `path` itself, or the one method folder in a run's folder. A
+    method folder with a checkpoint but no model.pt is a run that stopped before its end (train.py
+    writes model.pt last): refused, with how to finish it."""
     if not os.path.isdir(path):
         raise SystemExit(f"error: --continue: no run folder {path}")
-    if all(os.path.exists(os.path.join(path, f)) for f in RUN_FILES):
-        return path
-    subs = sorted(d for d in os.listdir(path) if all(os.path.exists(os.path.join(path, d, f)) for f in RUN_FILES))
-    if len(subs) > 1:
-        raise SystemExit(f"error: --continue: {path} holds several methods ({', '.join(subs)}); name one, "
-                         f"e.g. {os.path.join(path, subs[0])}")
-    if not subs:
-        raise SystemExit(f"error: --continue: {path} holds no trained run (checkpoint.pt and model.pt, "
-                         "as train.py writes them)")
-    return os.path.join(path, subs[0])
+    has = lambda d, f: os.path.exists(os.path.join(d, f))
+    if has(path, "checkpoint.pt"):
+        folder = path
+    else:
+        subs = sorted(d for d in os.listdir(path) if has(os.path.join(path, d), "checkpoint.pt"))
+        if len(subs) > 1:
+            raise SystemExit(f"error: --continue: {path} holds several methods ({', '.join(subs)}); name one, "
+                             f"e.g. {os.path.join(path, subs[0])}")
+        if not subs:
+            raise SystemExit(f"error: --continue: {path} holds no trained run (checkpoint.pt and model.pt, "
+                             "as train.py writes them)")
+        folder = os.path.join(path, subs[0])
+    if not has(folder, "model.pt"):
+        raise SystemExit(f"error: --continue: the run in {folder} did not finish (no model.pt); finish it first "
+                         "(train.py with its settings and --resume)")
+    return folder
 
 
 def read_run(folder: str) -> dict:
@@ -77,7 +85,8 @@ def read_run(folder: str) -> dict:
     except Exception as e:   # truncated, foreign or from an older version: say which file, in one line
         raise SystemExit(f"error: --continue: cannot read the run in {folder} ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:160]})") from None
-    if run["towers"] != json.loads(json.dumps(asdict(mcfg))) or list(saved["class_names"]) != run["classes"]:
+    if (run["towers"] != json.loads(json.dumps(asdict(mcfg))) or list(saved["class_names"]) != run["classes"]
+            or ("backbone" in run and digest(model.backbone_state()) != run["backbone"])):   # (older runs: trusted)
         raise SystemExit(f"error: --continue: model.pt and checkpoint.pt in {folder} are from different runs")
     if len(ck["R"]) < run["phases"]:
         raise SystemExit(f"error: --continue: the run in {folder} stopped after phase {len(ck['R'])}/{run['phases']}; "
@@ -116,8 +125,14 @@ def run_config(cfg: T.Config, run: dict, mcfg: M.ModelConfig) -> T.Config:
     return replace(cfg, **theirs, model=mcfg)
 
 
-def check_out(out: str, given: str, folder: str) -> None:
-    """The new run's folder must not be, or lie in, the run being continued: that one is never modified."""
+def check_out(out: str, given: str, folder: str, method: str) -> None:
+    """The new run's folder must not be, or lie in, the run being continued, and its method folder
+    (out/<method>) must not be the run's (a method folder copied out of its run, with --out the
+    folder holding it): the run being continued is never modified."""
+    mine = os.path.realpath(os.path.join(out, method))
+    if mine == os.path.realpath(folder):
+        raise SystemExit(f"error: --continue: --out {out} would write {mine}, the run being continued, which is "
+                         "never modified; give another --out")
     roots = {os.path.realpath(given), os.path.realpath(folder)}
     parent = os.path.dirname(os.path.realpath(folder))
     if os.path.exists(os.path.join(parent, "results.json")):   # the run's own folder, above its method's
@@ -143,7 +158,11 @@ def check_data(cfg: T.Config, rcfg: T.Config, classes: list[str]) -> None:
     T.check_phases(replace(rcfg, phases=cfg.new_phases, first_phase=0), [rcfg.seed], names, labels,
                    D.carve_validation(labels, is_test, rcfg.val) if rcfg.val else is_test)
     if cfg.eval_data:
-        _, old, _, _ = D.manifest_table(cfg.eval_data)
+        try:
+            _, old, _, _ = D.manifest_table(cfg.eval_data)
+        except SystemExit as e:
+            raise SystemExit(f"{e.code}; --eval-data is the run's own manifest (its split is read as the run read "
+                             "it, and none of its rows is trained on)") from None
         unknown = sorted(set(old) - set(classes))
         if unknown:
             raise SystemExit(f"error: --eval-data {cfg.eval_data} has rows of class(es) the run does not know "
@@ -200,24 +219,27 @@ def continue_run(cfg: T.Config, con) -> list[dict]:
     """train(cfg) with cfg.continue_from: learn cfg.data's classes in cfg.new_phases phases after the run;
     write <out>/results.json and <out>/<method>/ (model.pt, model.onnx, labels.json, checkpoint.pt)."""
     folder = find_run(cfg.continue_from)
-    check_out(cfg.out, cfg.continue_from, folder)
     rd = read_run(folder)
     run, ck, mcfg, tok = rd["run"], rd["ck"], rd["mcfg"], rd["tok"]
+    check_out(cfg.out, cfg.continue_from, folder, run["method"])
     if run["method"] == "joint":
         raise SystemExit("error: --continue: joint trains on every seen class's data, which a continued run no "
                          "longer has; continue a run of another method")
     rcfg = run_config(cfg, run, mcfg)
+    T.check_processes(rcfg)   # the run's settings, not only those given
     check_data(cfg, rcfg, run["classes"])
     n_old = len(run["classes"])
     sizes = ck.get("classes_per_phase") or [len(c) for c in D.phase_classes(list(range(n_old)), run["phases"],
                                                                             run["first_phase"])]
     rcfg = replace(rcfg, phases=len(sizes) + cfg.new_phases)
-    if ranks.is_main():   # under torchrun (ranks.py) only the first process writes
-        os.makedirs(cfg.out, exist_ok=True)
     with ranks.main_first():   # the first process decodes the images into the cache, the others read it
-        new = T.prepare(T.read_data(rcfg, mcfg.vit.image_size), rcfg, mcfg, tok)   # the new classes in seeded order
+        raw = T.read_data(rcfg, mcfg.vit.image_size)
+        T.check_methods(rcfg, mcfg, raw, con, notes=False)   # e.g. oracle-mask's object masks, before phase 1
+        new = T.prepare(raw, rcfg, mcfg, tok)   # the new classes in seeded order
         old = (T.prepare(T.read_data(replace(rcfg, data=cfg.eval_data), mcfg.vit.image_size), rcfg, mcfg, tok)
                if cfg.eval_data else None)
+    if ranks.is_main():   # under torchrun (ranks.py) only the first process writes; a refused run leaves no folder
+        os.makedirs(cfg.out, exist_ok=True)
     data = join(new, old, run["classes"])
     ends = torch.tensor(sizes).cumsum(0).tolist()
     phase_cls = ([list(range(e - s, e)) for s, e in zip(sizes, ends)]

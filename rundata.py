@@ -12,6 +12,7 @@ import torch
 
 import data as D
 import models as M
+import ranks
 from towers import console, progress
 
 
@@ -121,15 +122,22 @@ SAME_AT_WHOLE_TEXT = {"image-mask": "exmask itself", "no-context": "exmask itsel
                       "text-mask": "replay's exemplars (every patch and word kept)"}
 
 
-def check_methods(cfg, mcfg: M.ModelConfig, raw: dict, con) -> None:
+def check_processes(cfg) -> None:
+    """What must run in one process (under torchrun, ranks.py): --consistency pairs each masked view
+    with its whole view's logits, which a process's shard of the step does not hold."""
+    if cfg.consistency > 0 and ranks.world_size() > 1:
+        raise SystemExit("error: --consistency runs in one process; leave it out under torchrun")
+
+
+def check_methods(cfg, mcfg: M.ModelConfig, raw: dict, con, notes: bool = True) -> None:
     """What the methods and options need of the towers and the data, checked before the first phase
-    (one error line), and a note for each ablation that the settings leave equal to another method."""
+    (one error line), and (notes) a note for each ablation that the settings leave equal to another method."""
     S = mcfg.vit.image_size
     if cfg.lowres and S % cfg.lowres:
         raise SystemExit(f"error: --lowres {cfg.lowres} must divide the image side ({S} px)")
     if "oracle-mask" in cfg.method_list and "objects" not in raw:
         raise SystemExit("error: oracle-mask needs object masks: a manifest `mask` column (data.py icons writes one)")
-    for m in cfg.method_list:
+    for m in cfg.method_list if notes else ():
         if m in SAME_AT_WHOLE_TEXT and cfg.keep_text >= 1:
             con.print(f"note: with --keep-text 1 (captions kept whole) {m} stores {SAME_AT_WHOLE_TEXT[m]}; "
                       "give --keep-text below 1 for it to ablate the text mask")

@@ -233,3 +233,62 @@ def test_restating_the_runs_own_tower_setting_is_fine_and_a_failed_export_keeps_
     r = read_json(tmp / "e" / "results.json")
     assert r["phases"] == 2 and r["accuracy_matrix"][1][1] is not None     # the new classes were measured
     assert os.path.exists(tmp / "e" / "accuracy.png") and os.path.exists(tmp / "e" / "exmask" / "model.pt")
+
+
+def test_continuing_refuses_to_overwrite_mix_or_fail_late(runs, monkeypatch):
+    """What review found: a method folder copied out of its run, continued with --out the folder holding
+    it, would be overwritten; a model.pt whose towers are not the checkpoint's was accepted; a run that
+    stopped before its end (no model.pt) read as no run, or a finished sibling was taken; the run's own
+    settings (not only those given) must pass the checks made before any work: oracle-mask's object
+    masks, --consistency in one process; --resume of a continuation compares --eval-data too; a
+    test-only --eval-data says what it must be."""
+    import checkpoints
+    import extend
+    import ranks
+    import train as T
+    tmp, m = runs["tmp"], runs["m"]
+    go = lambda run, **kw: T.train(T.Config(**{"continue_from": str(run), "data": m["B"], "out": str(tmp / "z"),
+                                               "cache_dir": str(tmp / "cache"), "quiet": True, "export": False, **kw}))
+    dep = tmp / "deployed"
+    shutil.copytree(tmp / "a" / "exmask", dep / "exmask")
+    before = tree_digest(dep)
+    assert "would write" in error_of(go, dep / "exmask", out=str(dep)) and tree_digest(dep) == before
+
+    def variant(name, edit_ck=None, edit_model=None, drop=()):
+        d = tmp / name
+        shutil.copytree(tmp / "a" / "exmask", d)
+        for f, edit in (("checkpoint.pt", edit_ck), ("model.pt", edit_model)):
+            if edit:
+                x = torch.load(d / f, weights_only=True)
+                edit(x)
+                torch.save(x, d / f)
+        for f in drop:
+            os.remove(d / f)
+        return d
+
+    def shift(saved):
+        saved["state"]["image.patch_embed.proj.weight"] += 0.5
+    assert "different runs" in error_of(go, variant("mixed", edit_model=shift))
+    assert "did not finish (no model.pt)" in error_of(go, variant("stopped", drop=("model.pt",)))
+    both = tmp / "both"
+    shutil.copytree(tmp / "a" / "exmask", both / "exmask")
+    shutil.copytree(tmp / "stopped", both / "replay")
+    assert "several methods (exmask, replay)" in error_of(go, both)
+    oracle = variant("oracle", edit_ck=lambda ck: ck["run"].update(method="oracle-mask"))
+    assert "oracle-mask needs object masks" in error_of(go, oracle)
+    tied = variant("tied", edit_ck=lambda ck: ck["run"].update(consistency=0.5))
+    monkeypatch.setattr(ranks, "world_size", lambda: 2)
+    cfg = T.Config(continue_from=str(tied), data=m["B"], out=str(tmp / "z"), cache_dir=str(tmp / "cache"), quiet=True)
+    assert "--consistency runs in one process" in error_of(extend.continue_run, cfg, T.console(cfg))
+    monkeypatch.undo()
+    assert not os.path.exists(tmp / "z")
+    test_only = tmp / "A_test.csv"
+    with open(m["A"]) as f:
+        test_only.write_text("".join(line for i, line in enumerate(f) if i == 0 or line.rstrip().endswith(",test")))
+    assert "--eval-data is the run's own manifest" in error_of(go, tmp / "a", eval_data=str(test_only))
+    # a run without --eval-data keeps the data hash it always had (the manifest's bytes alone)
+    import hashlib
+    plain = hashlib.blake2b(Path(m["A"]).read_bytes(), digest_size=8).hexdigest()
+    assert checkpoints.data_identity(T.Config(data=m["A"])) == plain
+    go(tmp / "a", out=str(tmp / "rb"))
+    assert "another data" in error_of(go, tmp / "a", out=str(tmp / "rb"), eval_data=m["A"], resume=True)

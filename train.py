@@ -43,7 +43,7 @@ from models import autocast
 from pictures import draw_accuracy, draw_masked
 from scores import metrics, show, summarize   # re-exported: train.metrics, train.show, train.summarize
 from rundata import (SAME_AT_WHOLE_TEXT, Patches, check_methods, check_phases, data_name,  # noqa: F401 (re-exported)
-                     prepare, read_data)
+                     check_processes, prepare, read_data)
 from towers import PretrainConfig, backbone, console, progress
 
 METHODS = ("finetune", "replay", "joint", *MASKING)
@@ -432,8 +432,7 @@ def train(cfg: Config = Config()) -> list[dict]:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but no GPU is visible to PyTorch")
     cfg = replace(cfg, device=ranks.setup(cfg.device, cfg.dist_timeout))   # one process: as given
-    if cfg.consistency > 0 and ranks.world_size() > 1:   # it pairs each masked view with its whole view's logits
-        raise SystemExit("error: --consistency runs in one process; leave it out under torchrun")
+    check_processes(cfg)
     cfg = replace(cfg, quiet=cfg.quiet or not ranks.is_main())
     con = console(cfg)
     cfg = replace(cfg, out=cfg.out or os.path.join("runs", data_name(cfg.data)))
