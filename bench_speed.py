@@ -423,12 +423,11 @@ def phase_loop(o, base=None) -> dict:
                 idx = torch.rand(len(r), N, generator=g).argsort(1)[:, :k].sort(1).values.to(dev)
                 ids = exmask.trim_ids(data["ids"][r], pad).to(dev)
                 return {"pixels": M.gather_tokens(data["patches"][r].to(dev), idx), "patch_idx": idx, "ids": ids,
-                        "pos": torch.arange(ids.shape[1], device=dev).expand_as(ids), "labels": y[:0].new_tensor(r)}
+                        "pos": torch.arange(ids.shape[1], device=dev).expand_as(ids),
+                        "labels": data["labels"][r].clamp(max=model.n_classes - 1).to(dev)}
             # the masked new views and the replayed exemplars in one pass, as replay.masked_and_replay
             j = exmask.concat([b for b in (part(rows[:Bm], K), part(rows[B:], Kr)) if len(b["labels"])], pad) \
                 if Bm or R else None
-            if j is not None:
-                j["labels"] = data["labels"][j["labels"].cpu()].clamp(max=model.n_classes - 1).to(dev)
 
             def step():
                 with amp:
