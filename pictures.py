@@ -64,7 +64,8 @@ def draw_masked(path: str, shown: list[dict], p: int, tok, class_names: list[str
 
 
 def draw_accuracy(path: str, results: list[dict]) -> None:
-    """Accuracy on all seen classes after each phase, one line per method."""
+    """Accuracy on all seen classes after each phase, one line per method: the mean over its runs
+    (seeds), the legend saying how many."""
     from PIL import Image, ImageDraw
     W, H, m = 640, 420, 50
     img = Image.new("RGB", (W, H), "white")
@@ -82,12 +83,19 @@ def draw_accuracy(path: str, results: list[dict]) -> None:
     d.text((W / 2 - 60, H - 22), "phase", fill="black", font=font)
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
               (227, 119, 194), (127, 127, 127), (188, 189, 34)]
-    for k, r in enumerate(results):
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["method"], []).append(r)
+    for k, (method, rs) in enumerate(groups.items()):
         c = colors[k % len(colors)]
-        pts = [(X(t), Y(a)) for t, a in enumerate(r["phase_accuracy"])]
+        n = min(len(r["phase_accuracy"]) for r in rs)
+        mean = [sum(r["phase_accuracy"][t] for r in rs) / len(rs) for t in range(n)]
+        pts = [(X(t), Y(a)) for t, a in enumerate(mean)]
         d.line(pts, fill=c, width=2) if len(pts) > 1 else None
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((W - m - 110, m + 18 * k), f"{r['method']} {r['avg_incremental_accuracy']:.1f}", fill=c, font=font)
+        avg = sum(r["avg_incremental_accuracy"] for r in rs) / len(rs)
+        d.text((W - m - 110, m + 18 * k), f"{method} {avg:.1f}" + (f" ({len(rs)} runs)" if len(rs) > 1 else ""),
+               fill=c, font=font)
     d.text((m, 15), "accuracy on all seen classes", fill="black", font=font)
     D.write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

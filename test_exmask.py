@@ -337,6 +337,21 @@ def test_manifest_csv_and_jsonl(tmp_path):
         D.read_manifest(str(tmp_path / "bad.csv"), 16)
 
 
+def test_a_sentencepiece_model_with_other_special_ids_is_refused(tmp_path):
+    """SentencePiece's own default layout (unk 0, bos 1, eos 2, no pad) would make <unk> the padding:
+    refused, as one error line when loaded from a folder."""
+    import io
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a red ball", "a blue cube", "two green cones"] * 20),
+                                   model_writer=buf, vocab_size=30, hard_vocab_limit=False, minloglevel=2)
+    with pytest.raises(ValueError, match=r"ids \(-1, 0, 1, 2\)"):
+        D.SPTokenizer(buf.getvalue())
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    with pytest.raises(SystemExit, match="^error: cannot read tokenizer .*not \\(0, 1, 2, 3\\)"):
+        D.load_tokenizer(str(tmp_path))
+
+
 def test_tokenizer_trains_saves_and_truncates(tmp_path):
     tok = D.SPTokenizer.train(D.make_synth(D.SynthConfig(n_classes=5))["texts"], 200)
     tok.save(str(tmp_path / "t.model"))

@@ -25,6 +25,39 @@ def test_metrics():
     assert m["bwt"] == pytest.approx(((50 - 90) + (60 - 80)) / 2)
 
 
+def test_unmeasured_figures_are_none_and_single_runs_show_no_std(monkeypatch):
+    """One phase measures no forgetting: None (null in results.json, "–" in the table), not 0. A method
+    run once shows its figure alone beside a method run over seeds (mean ± sample std); the picture
+    draws one line per method, the mean of its runs."""
+    import io
+    from rich.console import Console
+    import pictures
+    from train import metrics, show, summarize
+    one = metrics([[80.0]], [[10]])
+    assert one["avg_forgetting"] is None and one["bwt"] is None and one["last_accuracy"] == 80.0
+    run = lambda method, acc, **m: {"method": method, "avg_incremental_accuracy": acc, "last_accuracy": acc,
+                                    "phase_accuracy": [acc + 10, acc - 10], "trainable_params": 1, "phase_seconds": [1.0],
+                                    "memory": {"exemplars_per_class": 2.0, "bytes_used": 5}, **{"avg_forgetting": 3.0,
+                                                                                                "bwt": -3.0, **m}}
+    results = [run("replay", 70.0), run("replay", 74.0), run("exmask", 80.0, avg_forgetting=None, bwt=None)]
+    rows = {r["method"]: r for r in summarize(results)}
+    assert rows["replay"]["avg_incremental_accuracy"] == 72.0 and rows["replay"]["avg_incremental_accuracy_std"] == \
+        pytest.approx(2 ** 0.5 * 2)                                                  # the sample std, n - 1
+    assert rows["exmask"]["avg_incremental_accuracy_std"] is None and rows["exmask"]["avg_forgetting"] is None
+    out = io.StringIO()
+    show(results, Console(file=out, width=200))
+    table = out.getvalue()
+    import re
+    assert "72.00 ± 2.83" in table and "80.00 ±" not in table and re.search(r"│ +80\.00 │ +80\.00 │ +– │ +– │", table)
+    texts = []
+    monkeypatch.setattr(pictures.D, "write_atomic", lambda path, fn: None)
+    from PIL import ImageDraw
+    orig = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, *a, **k: (texts.append(text), orig(self, xy, text, *a, **k))[1])
+    pictures.draw_accuracy("unused.png", results)
+    assert "replay 72.0 (2 runs)" in texts and "exmask 80.0" in texts and sum(t.startswith("replay") for t in texts) == 1
+
+
 def test_train_end_to_end_writes_results_and_caches_backbone(tmp_path):
     from train import train
     cfg = tiny_train_cfg(tmp_path, methods="finetune,replay,joint")

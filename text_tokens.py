@@ -22,6 +22,10 @@ class SPTokenizer:
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.get_piece_size()
+        ids = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+        if ids != (self.pad_id, self.unk_id, self.bos_id, self.eos_id):   # e.g. SentencePiece's default 0 unk, no pad
+            raise ValueError(f"a SentencePiece model with pad/unk/bos/eos ids {ids}, not (0, 1, 2, 3) as exmask "
+                             "trains them: its padding and special tokens would be read wrongly")
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int = 400) -> "SPTokenizer":
