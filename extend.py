@@ -43,8 +43,6 @@ import train as T
 from checkpoints import UNRECORDED, digest
 from pictures import draw_accuracy
 
-RUN_FILES = ("checkpoint.pt", "model.pt")
-
 
 # ----------------------------------------------------------------------------- the run being continued
 
