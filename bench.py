@@ -1,6 +1,6 @@
 """Benchmarks for exmask: one function per benchmark, each returning a JSON-able dict.
 
-    python bench.py                                  # every benchmark but data_scale
+    python bench.py                                  # every benchmark but data_scale (masked_test: with --run)
     python bench.py --only onnx_latency --threads 1  # one of them
     python bench.py --only data_scale --scale-dir DIR   # start-up at 5,000 and 50,000 images (~9 GB in DIR)
     python bench.py --run runs/default/exmask        # onnx_export, onnx_latency, masked_test on a trained run
