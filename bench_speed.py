@@ -337,7 +337,7 @@ def model_speed(o) -> dict:
 def phase_loop(o, base=None) -> dict:
     """The phase loop against its own steps: `train.run_method` for exmask (10 phases of 10 classes,
     3 epochs, batch 32, the default settings) with the time spent in training, in choosing and masking
-    exemplars and in evaluation measured apart; then every step the loop took, timed alone (the same
+    exemplars, in the head step and in evaluation measured apart; then every step the loop took, timed alone (the same
     model, batch shapes and replay size, warm, synchronised). share = steps alone / whole phase loop.
     cpu: the default towers on the embedded data (python train.py's run); cuda: a randomly initialised
     timm ViT-B/16 (or --vit) at 224 px with the default text tower, on the embedded data's 6,000
@@ -370,7 +370,7 @@ def phase_loop(o, base=None) -> dict:
 
     # mask_sets: the masks of the new rows' masked views (--mask-new), made at the start of each
     # phase's training (train_phase); timed apart from its steps (the exemplars' masks are in candidates)
-    spent = {"train_phase": 0.0, "candidates": 0.0, "evaluate": 0.0, "mask_sets": 0.0}
+    spent = {"train_phase": 0.0, "candidates": 0.0, "evaluate": 0.0, "mask_sets": 0.0, "balanced_head": 0.0}
     real = {k: getattr(T, k) for k in spent}
 
     def timed_part(name):
@@ -457,7 +457,8 @@ def phase_loop(o, base=None) -> dict:
            "avg_incremental_accuracy": res["avg_incremental_accuracy"]}
     print(f"phase_loop on {out['device_name'] or 'cpu'}: loop {loop_s:.1f}s (train {spent['train_phase']:.1f}s, "
           f"{spent['mask_sets']:.1f}s of it masking the new rows, "
-          f"exemplars {spent['candidates']:.1f}s, eval {spent['evaluate']:.1f}s); steps alone {alone_s:.1f}s "
+          f"exemplars {spent['candidates']:.1f}s, head step {spent['balanced_head']:.1f}s, eval {spent['evaluate']:.1f}s); "
+          f"steps alone {alone_s:.1f}s "
           f"-> {out['share_of_step_speed']:.0%} of step speed ({out['training_share_of_step_speed']:.0%} in the training "
           f"steps)",
           flush=True)

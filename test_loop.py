@@ -267,7 +267,8 @@ def test_bench_phase_loop_times_the_loop_and_its_steps(tmp_path, monkeypatch):
                                    base.batch_size)
     assert p2["exemplars"] > 0 and (p2["steps"], p2["new_per_step"], p2["replayed_per_step"]) == (per_epoch, B, R)
     assert R > T.epoch_plan(B * per_epoch, p2["exemplars"], base.batch_size)[2]
-    assert 0 < res["train_phase_s"] + res["candidates_s"] + res["evaluate_s"] <= res["phase_loop_s"]
+    assert 0 < res["train_phase_s"] + res["candidates_s"] + res["evaluate_s"] + res["balanced_head_s"] <= res["phase_loop_s"]
+    assert base.balanced_head and res["balanced_head_s"] > 0                  # the head step, timed apart
     # the steps alone include the new rows' masked views (--mask-new 1, the default) once there is a
     # memory, and the masks of those views are timed apart, within training
     assert base.mask_new == 1 and res["phases"][0]["new_masked_per_step"] == 0
