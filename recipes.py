@@ -435,11 +435,17 @@ def _background(S: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
 
 def build_icons(themes_root: str, out: str, themes: tuple = ICON_SETS["dev"], n_classes: int = 100,
                 per_class: int = 48, min_themes: int = 6, size: int = 64, test_share: float = 0.2,
-                object_side: tuple = (0.5, 0.8), seed: int = 0, log=print) -> str:
+                object_side: tuple = (0.5, 0.8), seed: int = 0, split: str = "image", log=print) -> str:
     """Write a manifest of icons on random backgrounds: out/manifest.csv (image, text, label, split,
     mask), out/images/*.png, out/masks/*.png (the icon's alpha: the object mask). Classes are the icon
     names drawn by at least `min_themes` of `themes`, the most widely drawn first; each class gets
-    `per_class` images spread evenly over its themes; a seeded stratified split. Returns the path."""
+    `per_class` images spread evenly over its themes, each theme's drawing on several backgrounds. A
+    seeded split per class: split "image", test_share of its images (a test image's drawing is then
+    almost always in training too, on other backgrounds); "drawing", round(test_share x its themes)
+    of its themes (at least one) held out whole, so every test image shows a drawing that no training
+    image shows (the share of test images is then that of the held-out themes). Returns the path."""
+    if split not in ("image", "drawing"):
+        raise SystemExit(f"error: the split is by image or by drawing, got {split!r}")
     from PIL import Image
     rng = np.random.default_rng(seed)
     found = {}
@@ -481,8 +487,12 @@ def build_icons(themes_root: str, out: str, themes: tuple = ICON_SETS["dev"], n_
     rows = []
     for c, name in enumerate(names):
         ts = count[name]
-        split = np.zeros(per_class, bool)
-        split[rng.permutation(per_class)[:round(per_class * test_share)]] = True
+        if split == "drawing":   # whole themes of this class held out
+            held = rng.permutation(len(ts))[:max(1, round(len(ts) * test_share))]
+            is_test = np.isin(np.arange(per_class) % len(ts), held)
+        else:
+            is_test = np.zeros(per_class, bool)
+            is_test[rng.permutation(per_class)[:round(per_class * test_share)]] = True
         for k in range(per_class):
             theme = ts[k % len(ts)]
             path, cat = found[theme][name]
@@ -514,7 +524,7 @@ def build_icons(themes_root: str, out: str, themes: tuple = ICON_SETS["dev"], n_
                 while key in text:
                     text = text.replace(key, fn(), 1)
             rows.append({"image": f"images/{stem}.png", "text": text, "label": name,
-                         "split": "test" if split[k] else "train", "mask": f"masks/{stem}.png"})
+                         "split": "test" if is_test[k] else "train", "mask": f"masks/{stem}.png"})
         if (c + 1) % 20 == 0:
             log(f"  {c + 1}/{len(names)} classes")
     path = os.path.join(out, "manifest.csv")
@@ -588,6 +598,8 @@ def main(argv=None) -> None:
                     f"(0 = {ICON_MIN_THEMES})")
     ic.add_argument("--size", type=int, default=64, help="image side in pixels")
     ic.add_argument("--seed", type=int, default=0)
+    ic.add_argument("--split", default="image", choices=["image", "drawing"],
+                    help="test rows: 20 %% of each class's images, or its drawings by 20 %% of its themes held out whole")
     fd = sub.add_parser("food101", help="UPMC Food-101 as a manifest, the official split")
     fd.add_argument("root", help=f"the copy: {FOOD101_LAYOUT}")
     fd.add_argument("out", help="output folder (manifest.csv, skipped.csv; the images stay where they are)")
@@ -634,7 +646,7 @@ def main(argv=None) -> None:
         return
     themes = tuple(t for t in a.themes.split(",") if t) or ICON_SETS[a.set]
     build_icons(a.themes_root, a.out, themes, a.classes, a.per_class, a.min_themes or ICON_MIN_THEMES[a.set], a.size,
-                seed=a.seed)
+                seed=a.seed, split=a.split)
 
 
 if __name__ == "__main__":

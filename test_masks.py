@@ -109,6 +109,30 @@ def test_a_damaged_icon_is_one_error_line(tmp_path):
                       min_themes=2, size=32, log=lambda *a: None)
 
 
+def test_icons_split_by_drawing_holds_out_whole_themes(tmp_path, monkeypatch):
+    """--split drawing: no test image shows a drawing (a theme's file for its class) that a training
+    image shows; the default split by image is as it was (seeded, 20 % of each class's images)."""
+    root = fake_theme_tree(str(tmp_path / "icons"))
+    drawn = []
+    real = R._load_icon
+    monkeypatch.setattr(R, "_load_icon", lambda path, side: (drawn.append(path), real(path, side))[1])
+    kw = dict(n_classes=3, per_class=12, min_themes=3, size=32, log=lambda *a: None)
+    rows = list(csv.DictReader(open(R.build_icons(root, str(tmp_path / "d"), ("alpha", "beta", "gamma"),
+                                                  split="drawing", **kw))))
+    train = {(r["label"], f) for r, f in zip(rows, drawn) if r["split"] == "train"}
+    test = {(r["label"], f) for r, f in zip(rows, drawn) if r["split"] == "test"}
+    assert test and train and not test & train
+    for c in {r["label"] for r in rows}:                      # one of a class's 3 themes held out: 4 of 12 images
+        assert sum(r["split"] == "test" for r in rows if r["label"] == c) == 4
+    drawn.clear()
+    by_image = list(csv.DictReader(open(R.build_icons(root, str(tmp_path / "i"), ("alpha", "beta", "gamma"), **kw))))
+    assert sum(r["split"] == "test" for r in by_image) == 3 * round(12 * 0.2)
+    assert {(r["label"], f) for r, f in zip(by_image, drawn) if r["split"] == "test"} & \
+        {(r["label"], f) for r, f in zip(by_image, drawn) if r["split"] == "train"}
+    with pytest.raises(SystemExit, match="by image or by drawing"):
+        R.build_icons(root, str(tmp_path / "x"), ("alpha",), split="theme", **kw)
+
+
 def test_icons_cli(tmp_path):
     root = fake_theme_tree(str(tmp_path / "icons"))
     R.main(["icons", str(tmp_path / "out"), "--themes-root", root, "--themes", "alpha,beta,gamma", "--classes", "2",
