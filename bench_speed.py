@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data as D
 import models as M
 
 
@@ -298,7 +299,7 @@ def model_speed(o) -> dict:
             try:
                 measure(name, *args, **kw)
             except Exception as e:   # inductor's failures are internal errors of many kinds
-                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                msg = f"{type(e).__name__}: {D.first_line(e, 300)}"
                 rows.append({"name": name, "error": msg})
                 print(f"  {name:<34} failed: {msg}", flush=True)
                 torch._dynamo.reset()
@@ -344,7 +345,6 @@ def phase_loop(o, base=None) -> dict:
     image-caption pairs upsampled to 224 px, bf16 autocast; --compile: train.py --compile; --vit: that
     timm ViT (random weights) on any device. `base`: a train.Config to start from (tests)."""
     import timm
-    import data as D
     import exmask
     import train as T
     from towers import default_backbone
@@ -406,14 +406,15 @@ def phase_loop(o, base=None) -> dict:
     opt = torch.optim.Adam(params, lr=1e-5, foreach=True)   # as train.train_phase
     amp = M.autocast(dev)
     model.train()
-    step_ms, step_cols, alone_s, shapes = {}, {}, 0.0, []
+    step_ms, alone_s, shapes = {}, 0.0, []   # step_ms: (ms, caption columns) by step shape
     for t in range(cfg.phases):
         n_new = int((data["is_train"] & torch.isin(data["labels"], torch.tensor(phase_cls[t]))).sum())
         n_mem = res["memory_per_phase"][t - 1]["exemplars"] if t else 0
         per_epoch, B, R = T.phase_plan(cfg, n_new, n_mem)
         Bm = round(B * min(cfg.mask_new, 1.0)) if n_mem else 0     # masked new views per step, on average
         Kr = max(1, round(res["memory_per_phase"][t - 1]["mean_kept_patches"])) if t else K   # patches an exemplar kept
-        if (B, Bm, R, Kr) not in step_ms:
+        key = (B, Bm, R, Kr)
+        if key not in step_ms:
             rows = torch.randint(len(data["labels"]), (B + R,), generator=g)
             x = data["patches"][rows[:B]].to(dev)
             ids_new = exmask.trim_ids(data["ids"][rows[:B]], pad).to(dev)
@@ -440,13 +441,13 @@ def phase_loop(o, base=None) -> dict:
                 loss.backward()
                 opt.step()
             with M.loop_attention(dev):   # the SDPA kernels the loop runs with
-                step_ms[(B, Bm, R, Kr)] = clock(step, o.steps or 10, 3, cuda)["ms"]
-            step_cols[(B, Bm, R, Kr)] = ids_new.shape[1]
+                step_ms[key] = clock(step, o.steps or 10, 3, cuda)["ms"], ids_new.shape[1]
         steps = cfg.epochs * per_epoch
-        alone_s += steps * step_ms[(B, Bm, R, Kr)] / 1e3
+        ms, cols = step_ms[key]
+        alone_s += steps * ms / 1e3
         shapes.append({"phase": t + 1, "steps": steps, "exemplars": n_mem, "new_per_step": B, "new_masked_per_step": Bm,
                        "replayed_per_step": R, "replayed_patches": Kr, "masked_patches": K,
-                       "caption_columns": int(step_cols[(B, Bm, R, Kr)]), "step_ms": step_ms[(B, Bm, R, Kr)]})
+                       "caption_columns": int(cols), "step_ms": ms})
     out = {"device": dev, "device_name": torch.cuda.get_device_name() if cuda else None,
            "vit": {k: getattr(mcfg.vit, k) for k in ("image_size", "patch_size", "dim", "depth", "heads")},
            "compile": o.compile, "replay_passes": cfg.replay_passes, "loop_sdpa": M.LOOP_SDPA, "threads": torch.get_num_threads(), "images": len(data["labels"]),

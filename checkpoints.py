@@ -45,15 +45,18 @@ def data_identity(cfg) -> str:
     data's settings, and a continued run's --eval-data manifest where it has one (the images
     themselves are checked by the image cache, data.read_manifest)."""
     h = hashlib.blake2b(digest_size=8)
-    for i, path in enumerate([cfg.data, getattr(cfg, "eval_data", "")]):
-        if i and path:
-            h.update(b"\0eval:")   # a run without --eval-data keeps the hash it always had
-        if path:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        elif not i:
-            h.update(json.dumps(asdict(cfg.synth), sort_keys=True).encode())
+
+    def add_file(path: str) -> None:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    if cfg.data:
+        add_file(cfg.data)
+    else:
+        h.update(json.dumps(asdict(cfg.synth), sort_keys=True).encode())
+    if getattr(cfg, "eval_data", ""):   # after a marker: a run without it keeps the hash it always had
+        h.update(b"\0eval:")
+        add_file(cfg.eval_data)
     return h.hexdigest()
 
 

@@ -204,6 +204,12 @@ def write_atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
+def first_line(e: BaseException, n: int = 200) -> str:
+    """An exception's message cut to its first line (at most n characters): libraries' own messages
+    run to pages, and an `error:` line quotes what broke in one line."""
+    return (str(e).strip().splitlines() or [""])[0][:n]
+
+
 def write_json(path: str, obj, indent: int | None = 1) -> None:
     """obj as JSON at `path`, written atomically (write_atomic)."""
     def write(tmp: str) -> None:

@@ -279,8 +279,7 @@ def export_onnx(model: M.TwoTower, path: str, dynamo: bool = True, fused: bool =
                 onnx.save(m, tmp)
         os.replace(tmp, path)
     except Exception as e:  # the exporter's own messages run to pages; the first line says what broke
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise SystemExit(f"error: ONNX export to {path} failed: {type(e).__name__}: {first}") from e
+        raise SystemExit(f"error: ONNX export to {path} failed: {type(e).__name__}: {D.first_line(e, 300)}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -317,7 +316,7 @@ def export_run(folder: str, verify: bool = True, dynamo: bool = True,
                 r = compare(model, session(staged, providers=["CPUExecutionProvider"]), images, ids)
             except Exception as e:  # e.g. a size fixed at trace time: the dynamic axes did not hold
                 raise SystemExit(f"error: ONNX Runtime cannot run the export at {where}: "
-                                 f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+                                 f"{type(e).__name__}: {D.first_line(e)}") from None
             if not (r["max_abs_diff"] <= TOL and r["top1_agree"] == 1.0):
                 raise SystemExit(f"error: ONNX Runtime disagrees with PyTorch at {where} (max |diff| "
                                  f"{r['max_abs_diff']:.2e}, top-1 agreement {r['top1_agree']:.2f})")
@@ -400,7 +399,7 @@ class Predictor:
             self.image_size, self.context = int(meta["exmask.image_size"]), int(meta["exmask.context"])
             self.pad_id, self.modalities = int(meta["exmask.pad_id"]), meta["exmask.modalities"]
         except Exception as e:
-            what = f"no {e} in its metadata" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0][:200]
+            what = f"no {e} in its metadata" if isinstance(e, KeyError) else D.first_line(e)
             raise SystemExit(f"error: cannot serve {path} ({type(e).__name__}: {what}); write it again with "
                              f"python export.py {folder}") from None
         labels = os.path.join(folder, "labels.json")

@@ -82,7 +82,7 @@ def read_run(folder: str) -> dict:
         model.load_state_dict(saved["state"])    # strict: the towers are whole and of this config
     except Exception as e:   # truncated, foreign or from an older version: say which file, in one line
         raise SystemExit(f"error: --continue: cannot read the run in {folder} ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0][:160]})") from None
+                         f"{D.first_line(e, 160)})") from None
     if (run["towers"] != json.loads(json.dumps(asdict(mcfg))) or list(saved["class_names"]) != run["classes"]
             or ("backbone" in run and digest(model.backbone_state()) != run["backbone"])):   # (older runs: trusted)
         raise SystemExit(f"error: --continue: model.pt and checkpoint.pt in {folder} are from different runs")

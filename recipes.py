@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 import exmask
-from data import FILLERS, cores, manifest_table, write_csv
+from data import FILLERS, cores, first_line, manifest_table, write_csv
 
 # ----------------------------------------------------------------------------- the paper's benchmarks
 
@@ -501,7 +501,7 @@ def build_icons(themes_root: str, out: str, themes: tuple = ICON_SETS["dev"], n_
                 icon = _load_icon(path, side)
             except (OSError, ValueError, subprocess.SubprocessError) as e:   # a damaged file in an installed theme
                 raise SystemExit(f"error: cannot draw the icon {path}: {type(e).__name__}: "
-                                 f"{(str(e).splitlines() or [''])[0][:200]} (reinstall its theme, or leave "
+                                 f"{first_line(e)} (reinstall its theme, or leave "
                                  f"{theme} out with --themes)") from None
             bg, bg_words = _background(size, rng)
             x, y = (int(rng.integers(0, size - s + 1)) for s in icon.size)
