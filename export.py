@@ -68,7 +68,7 @@ def load_model(folder: str) -> tuple[M.TwoTower, list[str]]:
         model = M.TwoTower(cfg, n_classes=len(ck["class_names"]))
         model.load_state_dict(ck["state"])
     except Exception as e:  # a truncated or foreign file: say which, in one line
-        raise SystemExit(f"error: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise SystemExit(f"error: cannot load {path}: {type(e).__name__}: {D.first_line(e)}") from None
     M.merge_ssf(model.float().eval())
     return model, list(ck["class_names"])
 

@@ -445,3 +445,16 @@ def test_bench_onnx_latency_smoke(run, tmp_path):
     assert [r["batch"] for r in res["rows"]] == [1, 32]
     assert all(r["torch_ms"] > 0 and r["ort_dynamo_all_ms"] > 0 and r["ort_portable_all_ms"] > 0
                and r["max_abs_diff"] <= 1e-4 for r in res["rows"])
+
+
+def test_a_model_file_failing_without_a_message_is_one_error_line(tmp_path, monkeypatch):
+    """An exception with an empty message (e.g. EOFError() from a truncated file) still gives the one
+    error line, not an IndexError from taking its first line."""
+    import export as E
+    (tmp_path / "model.pt").write_bytes(b"")
+
+    def fail(*a, **k):
+        raise EOFError()
+    monkeypatch.setattr(E.torch, "load", fail)
+    with pytest.raises(SystemExit, match=r"^error: cannot load .*model.pt: EOFError: $"):
+        E.load_model(str(tmp_path))
